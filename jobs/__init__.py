@@ -1,0 +1,1 @@
+"""Login-node side of PruneTune: config, plan, submission and state. Never imports torch."""

@@ -1,0 +1,207 @@
+"""The one module that runs a plan: on SLURM through submitit, or on this machine.
+
+Local runs execute the same plan, arrays and dependencies as SLURM, in a small pool of worker
+processes. The processes are reused from task to task, so torch, transformers and lm-eval are imported
+once per process rather than once per task (several seconds each on a small machine); submitit's
+LocalExecutor would start a fresh interpreter per task.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.config import StudyConfig
+from jobs.plan import Plan, TaskArray, TaskSpec
+from jobs.study import StudyPaths
+
+log = logging.getLogger("prunetune")
+
+SUCCEEDED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
+
+
+def resolve_kind(kind: str) -> str:
+    if kind == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    return kind
+
+
+@dataclass
+class TaskOutcome:
+    spec: TaskSpec
+    state: str
+    seconds: float = 0.0
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------------- local
+
+
+def _init_worker_process(threads: int) -> None:
+    # Set before torch is imported in this process; N processes x N threads would oversubscribe.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+
+
+def _run_logged(spec: TaskSpec, log_path: str) -> tuple[bool, float, str]:
+    """Run one task in a pool process with its stdout/stderr appended to the task's log file."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "a") as stream:
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+        try:
+            from workers.entry import run_task
+            run_task(spec)
+            ok, error = True, ""
+        except BaseException as exception:  # the task fails; the pool process lives on
+            traceback.print_exc()
+            ok, error = False, f"{type(exception).__name__}: {exception}".splitlines()[0][:300]
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    return ok, time.monotonic() - started, error
+
+
+class LocalRunner:
+    """Runs a plan's arrays in ``workers`` processes, honouring aftercorr/afterany dependencies."""
+
+    def __init__(self, config: StudyConfig, workers: int) -> None:
+        self.config = config
+        self.paths = StudyPaths(config)
+        self.workers = workers
+
+    def run(self, plan: Plan) -> list[TaskOutcome]:
+        arrays = {array.name: array for array in plan.arrays}
+        specs = {name: array.tasks(self.config) for name, array in arrays.items()}
+        pending = [spec for name in arrays for spec in specs[name]]
+        outcomes: dict[tuple[str, int], TaskOutcome] = {}
+        running: dict[Future, TaskSpec] = {}
+        total = len(pending)
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker_process,
+                                   initargs=(threads,))
+        try:
+            while pending or running:
+                for spec in list(pending):
+                    if len(running) >= self.workers * 2:
+                        break  # keep the queue short so a cancel decision is taken late, with facts
+                    verdict = self._readiness(spec, arrays[spec.array], specs, outcomes)
+                    if verdict == "wait":
+                        continue
+                    pending.remove(spec)
+                    if verdict == "cancel":
+                        outcome = TaskOutcome(spec, CANCELLED, error="its dependency did not succeed")
+                        outcomes[(spec.array, spec.index)] = outcome
+                        self._report(len(outcomes), total, outcome)
+                    else:
+                        log_path = str(self.paths.task_log(spec.array, spec.pair))
+                        running[pool.submit(_run_logged, spec, log_path)] = spec
+                if not running:
+                    if pending and all(self._readiness(spec, arrays[spec.array], specs, outcomes) == "wait"
+                                       for spec in pending):
+                        raise RuntimeError("local plan is stuck: tasks wait on dependencies that never run")
+                    continue
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                broken = False
+                for future in finished:
+                    spec = running.pop(future)
+                    try:
+                        ok, seconds, error = future.result()
+                        outcome = TaskOutcome(spec, SUCCEEDED if ok else FAILED, seconds, error)
+                    except BrokenProcessPool:
+                        broken = True
+                        outcome = TaskOutcome(spec, FAILED, error="worker process died (killed or out of memory)")
+                    outcomes[(spec.array, spec.index)] = outcome
+                    self._report(len(outcomes), total, outcome)
+                if broken:
+                    # Every task still queued in the dead pool fails with it; run them again.
+                    for future, spec in list(running.items()):
+                        pending.append(spec)
+                        running.pop(future)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = ProcessPoolExecutor(self.workers, mp_context=context,
+                                               initializer=_init_worker_process, initargs=(threads,))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return list(outcomes.values())
+
+    @staticmethod
+    def _readiness(spec: TaskSpec, array: TaskArray, specs: dict[str, list[TaskSpec]],
+                   outcomes: dict[tuple[str, int], TaskOutcome]) -> str:
+        for dependency in array.depends_on:
+            if dependency.array not in specs:
+                continue
+            if dependency.kind == "aftercorr":
+                outcome = outcomes.get((dependency.array, spec.index))
+                if outcome is None:
+                    return "wait"
+                if outcome.state != SUCCEEDED:
+                    return "cancel"
+            elif any((dependency.array, other.index) not in outcomes for other in specs[dependency.array]):
+                return "wait"
+        return "ready"
+
+    def _report(self, count: int, total: int, outcome: TaskOutcome) -> None:
+        spec = outcome.spec
+        line = f"[{count:>3}/{total}] {outcome.state:<9} {spec.label} ({outcome.seconds:.1f}s)"
+        if outcome.state != SUCCEEDED:
+            line += f": {outcome.error} — log: {self.paths.task_log(spec.array, spec.pair)}"
+        log.info(line)
+
+
+# ---------------------------------------------------------------------------------------- slurm
+
+
+@dataclass
+class SubmittedArray:
+    name: str
+    job_id: str
+    size: int
+
+
+def submit_to_slurm(config: StudyConfig, plan: Plan) -> list[SubmittedArray]:
+    """Submit every array with submitit, chaining dependencies by array job id."""
+    import submitit  # light (no torch); imported here so local runs do not need it
+
+    from jobs.slurm_template import setup_lines
+
+    paths = StudyPaths(config)
+    submitted: dict[str, SubmittedArray] = {}
+    for array in plan.arrays:
+        executor = submitit.AutoExecutor(folder=str(paths.logs_dir() / "submitit" / "%j"), cluster="slurm")
+        resources = array.resources
+        dependencies = [f"{dep.kind}:{submitted[dep.array].job_id}"
+                        for dep in array.depends_on if dep.array in submitted]
+        additional = {"dependency": ",".join(dependencies)} if dependencies else {}
+        optional = {key: value for key, value in (("slurm_partition", resources.partition),
+                                                  ("slurm_account", resources.account),
+                                                  ("slurm_qos", resources.qos)) if value}
+        executor.update_parameters(
+            name=f"prunetune-{array.name}", timeout_min=resources.time_min, nodes=resources.nodes,
+            tasks_per_node=1, gpus_per_node=resources.gpus_per_node or None,
+            cpus_per_task=resources.cpus_per_task, mem_gb=resources.mem_gb,
+            slurm_array_parallelism=config.executor.array_parallelism,
+            slurm_setup=setup_lines(config), slurm_additional_parameters=additional, **optional)
+        from workers.entry import run_task
+        jobs = executor.map_array(run_task, array.tasks(config))
+        job_id = jobs[0].job_id.split("_")[0]
+        submitted[array.name] = SubmittedArray(array.name, job_id, array.size)
+        log.info("submitted %-26s job %s (%d task(s))", array.name, job_id, array.size)
+    return list(submitted.values())

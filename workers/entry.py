@@ -1,0 +1,54 @@
+"""What the scheduler runs for one array task: pick the stage's recipe and run it.
+
+This module stays import-light (no torch at import time) because submitit unpickles a reference to
+``run_task`` on the login node's side too; the recipes are imported inside the task.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from jobs.plan import TaskSpec
+
+log = logging.getLogger("prunetune.task")
+
+
+def configure_logging() -> None:
+    """Plain timestamped lines on stderr: the scheduler's log file is where a user reads them."""
+    root = logging.getLogger()
+    if not any(getattr(handler, "_prunetune", False) for handler in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._prunetune = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    # Offline by design: a missing local file must fail at once, not after minutes of Hub retries.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def run_task(spec: TaskSpec) -> str:
+    """Run one task; raises on failure so the executor records it as failed."""
+    configure_logging()
+    started = time.monotonic()
+    log.info("start %s (pid %d, host %s)", spec.label, os.getpid(), os.uname().nodename)
+    if spec.worker == "finetune":
+        from workers import finetune
+        finetune.run(spec.config, spec.pair)
+    elif spec.worker == "evaluate_pruned":
+        from workers import evaluate
+        evaluate.run(spec.config, spec.pair, target="pruned")
+    elif spec.worker == "evaluate_finetuned":
+        from workers import evaluate
+        evaluate.run(spec.config, spec.pair, target="finetuned")
+    elif spec.worker == "compare":
+        from workers import compare
+        compare.run(spec.config, spec.pairs)
+    else:
+        raise ValueError(f"unknown worker {spec.worker!r}")
+    elapsed = time.monotonic() - started
+    log.info("done %s in %.1fs", spec.label, elapsed)
+    return f"{spec.label} ok in {elapsed:.1f}s"
