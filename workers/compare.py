@@ -63,7 +63,7 @@ def load_scores(folder: Path) -> Scores | None:
         return None
     ppl_data = json.loads((folder / PPL_FILE).read_text())
     evaluation = json.loads((folder / EVALUATION_FILE).read_text())
-    ppl = {name: float(entry["ppl"]) for name, entry in ppl_data["datasets"].items()}
+    ppl = {name: float(ppl_data[name]["ppl"]) for name in ppl_data["settings"]["datasets"]}
     tasks = {name: float(entry["value"]) for name, entry in evaluation["tasks"].items()}
     return Scores(ppl, tasks, float(evaluation["average"]))
 

@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers.utils import logging as transformers_logging
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
@@ -82,6 +83,9 @@ def train_tokenizer(corpus_files: list[Path], folder: Path) -> PreTrainedTokeniz
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train([str(path) for path in corpus_files], trainer)
+    # Like Llama's tokenizer: BOS first when special tokens are added.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                       unk_token="<unk>", pad_token="<pad>", model_max_length=2048)
     wrapped.save_pretrained(folder)
@@ -120,6 +124,7 @@ def generate_demo_inputs(config: StudyConfig, seed: int = 0) -> None:
         log.info("demo inputs already in %s", inputs)
         return
     inputs.mkdir(parents=True, exist_ok=True)
+    transformers_logging.disable_progress_bar()
     train_path = Path(config.data.train_path)
     atomic_write_json(train_path, alpaca_examples(256, seed))
     write_demo_eval_data(Path(config.data.eval_data_dir), seed=seed)

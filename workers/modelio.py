@@ -6,11 +6,14 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from jobs.checkpoints import find_checkpoint
 from jobs.errors import InputError
 
 log = logging.getLogger(__name__)
+# Task logs are files: a progress bar per weight shard is noise there.
+transformers_logging.disable_progress_bar()
 
 
 def resolve_dtype(precision: str) -> torch.dtype:

@@ -1,0 +1,161 @@
+"""A real LoRA finetune of a tiny random Llama on generated Alpaca rows (CPU, a few seconds)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from jobs.config import load_config
+from jobs.errors import InputError
+from jobs.state import DONE_MARKER, is_done
+from jobs.study import Pair, StudyPaths
+from tests.tiny_assets import build_tiny_llama, build_tiny_tokenizer
+from workers import finetune
+from workers.finetune import clamp_val_size
+
+PAIR = Pair("Llama", "best_acc")
+NUMBERS = "one two three four five six seven eight nine ten".split()
+
+
+def alpaca_rows(count: int) -> list[dict[str, str]]:
+    """Learnable rows: the response repeats a word from the instruction, so the loss falls quickly."""
+    chooser = random.Random(0)
+    rows = []
+    for index in range(count):
+        word = chooser.choice(NUMBERS)
+        rows.append({"instruction": f"Repeat the word {word}.", "input": "" if index % 2 else "twice",
+                     "output": f"{word} {word}"})
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: a model this small gains nothing from two, and loses much when cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def finished(one_thread, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("study")
+    tokenizer = build_tiny_tokenizer(root / "tokenizer")
+    build_tiny_llama(root / "pruned", tokenizer)
+    train_path = root / "alpaca.json"
+    train_path.write_text(json.dumps(alpaca_rows(64)))
+    config = load_config(None, [
+        f"study.results_root={root / 'results'}", f"study.pruned_model_path={root / 'pruned'}",
+        f"data.train_path={train_path}", "finetune.learning_rate=5e-3", "finetune.batch_size=8",
+        "finetune.micro_batch_size=4", "finetune.num_epochs=2", "finetune.logging_steps=2", "finetune.eval_steps=8",
+        "finetune.cutoff_len=128",
+    ])
+    finetune.run(config, PAIR)
+    return config, StudyPaths(config).finetuned_dir(PAIR)
+
+
+def test_outputs_and_done_marker(finished) -> None:
+    _, folder = finished
+    for name in ("adapter_model.safetensors", "adapter_config.json", "finetuning_config.json", "training_log.txt",
+                 DONE_MARKER):
+        assert (folder / name).is_file(), name
+    assert is_done(folder, verify_checksums=True)
+    assert sorted(path.name for path in folder.iterdir()) == sorted(
+        ["adapter_model.safetensors", "adapter_config.json", "finetuning_config.json", "training_log.txt",
+         DONE_MARKER])  # no scratch or staging folders left behind
+    modes = {(folder / name).stat().st_mode for name in ("adapter_model.safetensors", "training_log.txt")}
+    assert len(modes) == 1  # safetensors' 0600 widened to the user's umask like every other result file
+
+
+def test_adapter_trained_and_loss_fell(finished) -> None:
+    from safetensors.torch import load_file
+
+    _, folder = finished
+    weights = load_file(folder / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
+    assert lora_b and max(tensor.abs().max().item() for tensor in lora_b) > 0  # B starts at exactly zero
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"}
+    metrics = json.loads((folder / "finetuning_config.json").read_text())["metrics"]
+    assert metrics["lora_b_max_abs"] > 0
+    assert metrics["last_train_loss"] < metrics["first_train_loss"]
+    assert metrics["train_tokens_per_s"] > 0
+
+
+def test_record_has_resolved_settings(finished) -> None:
+    config, folder = finished
+    record = json.loads((folder / "finetuning_config.json").read_text())
+    derived = record["derived"]
+    assert derived["gradient_accumulation_steps"] == 8 // 4
+    assert derived["world_size"] == 1
+    assert (derived["train_examples"], derived["val_examples"]) == (58, 6)  # val clamped to a tenth of 64
+    assert derived["total_optimizer_steps"] == 16  # ceil(58 / 4) = 15 batches -> 8 steps per epoch x 2
+    assert record["metrics"]["optimizer_steps"] == 16
+    assert derived["warmup_steps_used"] == 1  # 100 configured, clamped to a tenth of 16
+    assert record["settings"]["learning_rate"] == config.finetune.learning_rate
+    assert set(record["settings"]) == set(config.finetune.__dataclass_fields__)
+    assert record["base_model"]["format"] == "hf"
+    assert set(record["versions"]) == {"torch", "transformers", "peft", "accelerate"}
+
+
+def test_training_log_lines(finished) -> None:
+    _, folder = finished
+    lines = (folder / "training_log.txt").read_text().splitlines()
+    train_lines = [line for line in lines if " loss " in line and "eval_loss" not in line]
+    assert len(train_lines) == 16 // 2  # one per logging step
+    assert sum("eval_loss" in line for line in lines) == 2  # steps 8 and 16
+    assert any(line.startswith("train_tokens ") and "train_tokens_per_s" in line for line in lines)
+    assert any(line.startswith("train_loss initial") for line in lines)
+
+
+def test_second_run_skips(finished, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, folder = finished
+    before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a done pair must not load its model again")
+
+    monkeypatch.setattr(finetune, "load_pruned_model", fail)
+    finetune.run(config, PAIR)
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == before
+
+
+def test_tiny_data_no_val_set_grouped_and_capped(tmp_path: Path) -> None:
+    """Fewer than 10 rows: no validation split, so no evaluation; max_steps caps the run."""
+    tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer")
+    build_tiny_llama(tmp_path / "pruned", tokenizer)
+    (tmp_path / "alpaca.jsonl").write_text("\n".join(json.dumps(row) for row in alpaca_rows(8)))
+    config = load_config(None, [
+        f"study.results_root={tmp_path / 'results'}", f"study.pruned_model_path={tmp_path / 'pruned'}",
+        f"data.train_path={tmp_path / 'alpaca.jsonl'}", "finetune.batch_size=4", "finetune.micro_batch_size=2",
+        "finetune.max_steps=3", "finetune.logging_steps=1", "finetune.group_by_length=true",
+        "finetune.lora_target_modules=[q_proj, v_proj, w_nonexistent]",
+    ])
+    finetune.run(config, PAIR)
+    folder = StudyPaths(config).finetuned_dir(PAIR)
+    assert is_done(folder)
+    record = json.loads((folder / "finetuning_config.json").read_text())
+    assert (record["derived"]["train_examples"], record["derived"]["val_examples"]) == (8, 0)
+    assert record["derived"]["lora_target_modules_used"] == ["q_proj", "v_proj"]
+    assert record["metrics"]["optimizer_steps"] == record["derived"]["total_optimizer_steps"] == 3
+    assert record["derived"]["warmup_steps_used"] == 0
+    assert "eval_loss" not in (folder / "training_log.txt").read_text()
+
+    no_targets = load_config(None, [f"study.results_root={tmp_path / 'other'}",
+                                    f"study.pruned_model_path={tmp_path / 'pruned'}",
+                                    f"data.train_path={tmp_path / 'alpaca.jsonl'}",
+                                    "finetune.lora_target_modules=[w_nonexistent]"])
+    with pytest.raises(InputError, match="set finetune.lora_target_modules"):
+        finetune.run(no_targets, PAIR)
+
+
+@pytest.mark.parametrize(("requested", "rows", "expected"), [
+    (2000, 51760, 2000), (2000, 200, 20), (2000, 64, 6), (2000, 10, 1), (2000, 9, 0), (0, 500, 0), (3, 500, 3),
+])
+def test_val_size_clamp(requested: int, rows: int, expected: int) -> None:
+    assert clamp_val_size(requested, rows) == expected

@@ -1,0 +1,295 @@
+"""LoRA recovery finetune of one pruned checkpoint: LLM-Pruner's recipe, setup -> train -> save.
+
+Features:
+- Skips at once when the pair's finetuned folder is already done (``DONE.json`` valid).
+- Loads the pruned model (Hugging Face folder, or an LLM-Pruner pickle when ``study.allow_pickle`` trusts it).
+- Alpaca data (JSON or JSONL), seeded validation split clamped for tiny data, prompt tokens masked
+  out of the loss unless ``finetune.train_on_inputs``.
+- LoRA on the ``finetune.lora_target_modules`` the model actually has; transformers ``Trainer`` with
+  gradient accumulation sized so one optimizer step sees ``finetune.batch_size`` sequences over all ranks.
+- Warmup clamped to a tenth of the run for short runs; bf16/fp16 on GPU as configured, fp32 on CPU.
+- Writes, on rank 0 and atomically: ``adapter_model.safetensors`` and ``adapter_config.json``,
+  ``finetuning_config.json`` (every setting, the derived values, versions, git sha, times, metrics),
+  ``training_log.txt`` (one line per logging step, eval losses, runtime and real-token throughput),
+  then ``DONE.json`` last.
+
+Raises ``InputError`` for a missing or malformed checkpoint or training file, or a model with none of
+the LoRA target modules.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import math
+import os
+import random
+import shutil
+import subprocess
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (DataCollatorForSeq2Seq, PreTrainedModel, PrinterCallback, Trainer, TrainerCallback,
+                          TrainingArguments, set_seed)
+
+from jobs.checkpoints import find_checkpoint
+from jobs.config import FinetuneSettings, StudyConfig
+from jobs.errors import InputError
+from jobs.state import atomic_write_json, atomic_write_text, clear_done, is_done, mark_done
+from jobs.study import Pair, StudyPaths, pickle_allowed
+from workers.modelio import load_pruned_model, resolve_dtype
+from workers.prompts import load_alpaca_examples, tokenize_example
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+CONFIG_FILE = "finetuning_config.json"
+LOG_FILE = "training_log.txt"
+SCRATCH = ".trainer_scratch"  # the Trainer's output_dir; nothing is kept from it (save_strategy "no")
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def run(config: StudyConfig, pair: Pair) -> None:
+    """Finetune ``pair``'s pruned model with LoRA and save the adapter and its records."""
+    paths = StudyPaths(config)
+    out_dir = paths.finetuned_dir(pair)
+    if is_done(out_dir):
+        log.info("%s: finetune already done in %s; skipping", pair.label, out_dir)
+        return
+    tune = config.finetune
+    started = _now()
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    on_gpu = torch.cuda.is_available()
+    if rank == 0:
+        clear_done(out_dir)  # a stale marker must not vouch for files this run is about to replace
+
+    # ---- setup: model, data, LoRA ---------------------------------------------------------------
+    model_path = paths.pruned_model(pair)
+    model_format, _ = find_checkpoint(model_path)
+    # Reduced precision on CPU is slow or inexact, so CPU runs train in fp32 whatever is configured.
+    dtype = resolve_dtype(tune.precision) if on_gpu else torch.float32
+    model, tokenizer = load_pruned_model(model_path, pickle_allowed(config, pair), dtype)
+    model.config.use_cache = False  # the KV cache only costs memory in training
+
+    examples = load_alpaca_examples(config.data.train_path)
+    val_size = clamp_val_size(tune.val_set_size, len(examples))
+    order = list(range(len(examples)))
+    random.Random(tune.seed).shuffle(order)
+    tokenized = [tokenize_example(examples[i], tokenizer, tune.cutoff_len, tune.train_on_inputs, tune.add_eos_token)
+                 for i in order]
+    val_set, train_set = tokenized[:val_size], tokenized[val_size:]
+    train_tokens_per_epoch = sum(len(item["input_ids"]) for item in train_set)  # real tokens; padding comes later
+
+    targets = lora_targets(model, tune.lora_target_modules, model_path)
+    set_seed(tune.seed)  # LoRA A matrices are initialised randomly
+    lora = LoraConfig(r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft 0.21 calls transformers 5's deprecated alias; nothing for us to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lora)
+    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        sum(p.numel() for p in model.parameters()))
+
+    # 64 sequences per optimizer step = 4 per micro-batch x 16 accumulation steps x 1 rank (the defaults).
+    accumulation = max(1, tune.batch_size // tune.micro_batch_size // world_size)
+    total_steps = optimizer_steps(len(train_set), tune, accumulation, world_size)
+    warmup = min(tune.warmup_steps, total_steps // 10)  # only bites when the run is < 10 x warmup steps
+    log.info("%s: %d train / %d val examples, LoRA on %s (%d of %d parameters trainable), %d optimizer steps "
+             "of %d sequences (%d x %d accumulation x %d ranks), warmup %d, %s on %s",
+             pair.label, len(train_set), len(val_set), ",".join(targets), trainable, total, total_steps,
+             tune.micro_batch_size * accumulation * world_size, tune.micro_batch_size, accumulation, world_size,
+             warmup, str(dtype).removeprefix("torch."), "GPU" if on_gpu else "CPU")
+
+    scratch = out_dir / SCRATCH
+    args = TrainingArguments(
+        output_dir=str(scratch),
+        per_device_train_batch_size=tune.micro_batch_size,
+        per_device_eval_batch_size=tune.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=tune.num_epochs,
+        max_steps=tune.max_steps if tune.max_steps > 0 else -1,
+        learning_rate=tune.learning_rate,
+        warmup_steps=warmup,
+        logging_steps=tune.logging_steps,
+        eval_strategy="steps" if val_set else "no",
+        eval_steps=tune.eval_steps if val_set else None,
+        save_strategy="no",
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        seed=tune.seed,
+        train_sampling_strategy="group_by_length" if tune.group_by_length else "random",
+        remove_unused_columns=False,  # items hold exactly the model's inputs: input_ids, attention_mask, labels
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        report_to=[],
+        disable_tqdm=True,  # progress goes to our log, one line per logging step
+    )
+    progress = LogLines(pair.label)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set or None,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        callbacks=[progress],
+    )
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(); LogLines logs instead
+
+    # ---- train ----------------------------------------------------------------------------------
+    try:
+        result = trainer.train()
+    finally:
+        if rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if trainer.state.max_steps != total_steps:
+        log.warning("%s: Trainer ran %d optimizer steps, planned %d", pair.label, trainer.state.max_steps, total_steps)
+    runtime = result.metrics["train_runtime"]
+    train_tokens = round(train_tokens_per_epoch * trainer.state.epoch)
+    metrics = {
+        "first_train_loss": progress.train_losses[0] if progress.train_losses else None,
+        "last_train_loss": progress.train_losses[-1] if progress.train_losses else None,
+        "mean_train_loss": result.training_loss,
+        "last_eval_loss": progress.eval_losses[-1] if progress.eval_losses else None,
+        "optimizer_steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_runtime_s": runtime,  # the Trainer's, evaluations during training included
+        "train_tokens": train_tokens,
+        "train_tokens_per_s": train_tokens / runtime if runtime else None,
+        "lora_b_max_abs": lora_b_max_abs(model),  # LoRA B starts at zero: > 0 proves the adapter trained
+    }
+    tokens_per_s = metrics["train_tokens_per_s"] or 0.0
+    progress.lines += [f"train_runtime_s {runtime:.2f}",
+                       f"train_tokens {train_tokens} (non-pad) train_tokens_per_s {tokens_per_s:.1f}",
+                       f"train_loss initial {metrics['first_train_loss']} final {metrics['last_train_loss']}"]
+    log.info("%s: trained %d steps in %.1f s (%.0f tokens/s), loss %s -> %s", pair.label, trainer.state.global_step,
+             runtime, tokens_per_s, metrics["first_train_loss"], metrics["last_train_loss"])
+
+    # ---- save (rank 0): adapter, records, then the done marker ----------------------------------
+    if rank != 0:
+        return
+    save_adapter(model, out_dir)
+    record = {
+        "pair": pair.label,
+        "settings": dataclasses.asdict(tune),
+        "derived": {
+            "world_size": world_size,
+            "gradient_accumulation_steps": accumulation,
+            "sequences_per_optimizer_step": tune.micro_batch_size * accumulation * world_size,
+            "warmup_steps_used": warmup,
+            "total_optimizer_steps": total_steps,
+            "train_examples": len(train_set),
+            "val_examples": len(val_set),
+            "lora_target_modules_used": targets,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": "cuda" if on_gpu else "cpu",
+        },
+        "base_model": {"path": str(model_path), "format": model_format},
+        "train_path": str(config.data.train_path),
+        "versions": {name: importlib.metadata.version(name)
+                     for name in ("torch", "transformers", "peft", "accelerate")},
+        "git_sha": git_sha(),
+        "started_at": started,
+        "finished_at": _now(),
+        "metrics": metrics,
+    }
+    atomic_write_json(out_dir / CONFIG_FILE, record)
+    atomic_write_text(out_dir / LOG_FILE, "\n".join(progress.lines) + "\n")
+    mark_done(out_dir, [*ADAPTER_FILES, CONFIG_FILE, LOG_FILE])
+    log.info("%s: adapter and records saved in %s", pair.label, out_dir)
+
+
+def clamp_val_size(requested: int, n_examples: int) -> int:
+    """Validation examples to hold out: ``requested``, but at most a tenth of the data (at least 1 once there
+    are 10 rows), and none below 10 rows, so tiny smoke datasets still leave most rows for training."""
+    if requested <= 0 or n_examples < 10:
+        return 0
+    return min(requested, max(1, n_examples // 10))
+
+
+def optimizer_steps(n_train: int, tune: FinetuneSettings, accumulation: int, world_size: int) -> int:
+    """Optimizer steps the Trainer will take, computed the way it does (a partial accumulation counts)."""
+    if tune.max_steps > 0:
+        return tune.max_steps
+    batches_per_rank = math.ceil(math.ceil(n_train / tune.micro_batch_size) / world_size)
+    steps_per_epoch = max(1, math.ceil(batches_per_rank / accumulation))
+    return math.ceil(tune.num_epochs * steps_per_epoch)
+
+
+def lora_targets(model: PreTrainedModel, wanted: tuple[str, ...], model_path: Path) -> list[str]:
+    """The configured LoRA targets that name linear layers of this model (pruned models may lack some)."""
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    targets = [name for name in wanted if name in present]
+    if not targets:
+        raise InputError(f"{model_path}: none of finetune.lora_target_modules ({', '.join(wanted)}) is a linear "
+                         f"layer of this model (it has {', '.join(sorted(present))}); set finetune.lora_target_modules")
+    missing = sorted(set(wanted) - set(targets))
+    if missing:
+        log.warning("%s has no %s layers; LoRA goes on %s only", model_path, ", ".join(missing), ", ".join(targets))
+    return targets
+
+
+def lora_b_max_abs(model: torch.nn.Module) -> float:
+    values = [param.detach().abs().max().item() for name, param in model.named_parameters() if "lora_B" in name]
+    return max(values, default=0.0)
+
+
+def save_adapter(model: torch.nn.Module, out_dir: Path) -> None:
+    """save_pretrained into a temporary folder beside the outputs, then rename the adapter files into place."""
+    staging = out_dir / ".adapter_staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    # save_embedding_layers=False: "auto" may look the base model up on the Hub, and embeddings are never targeted.
+    model.save_pretrained(str(staging), save_embedding_layers=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ADAPTER_FILES:
+        os.chmod(staging / name, 0o666 & ~umask)  # safetensors writes 0600; results follow the user's umask
+        os.replace(staging / name, out_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+class LogLines(TrainerCallback):
+    """One plain line per Trainer log event, kept for ``training_log.txt`` and sent to our logger."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.lines: list[str] = []
+        self.train_losses: list[float] = []
+        self.eval_losses: list[float] = []
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        logs = logs or {}
+        where = f"step {state.global_step}/{state.max_steps} epoch {state.epoch or 0:.2f}"
+        if "loss" in logs:
+            self.train_losses.append(float(logs["loss"]))
+            line = f"{where} loss {logs['loss']:.4f} learning_rate {logs.get('learning_rate', float('nan')):.3e}"
+        elif "eval_loss" in logs:
+            self.eval_losses.append(float(logs["eval_loss"]))
+            line = f"{where} eval_loss {logs['eval_loss']:.4f}"
+        else:
+            return  # the end-of-training summary; run() writes its own
+        self.lines.append(line)
+        log.info("%s: %s", self.label, line)
+
+
+def git_sha() -> str | None:
+    """The commit of the code that ran, when it runs from a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = done.stdout.strip()
+    return sha if done.returncode == 0 and sha else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
