@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from jobs.checkpoints import find_checkpoint
 from jobs.config import StudyConfig
 from jobs.errors import InputError
-from jobs.executor import SUCCEEDED, LocalRunner, resolve_kind, submit_to_slurm
+from jobs.executor import SUCCEEDED, LocalRunner, resolve_kind
 from jobs.plan import Plan, build_plan, describe
 from jobs.study import Pair, StudyPaths, pickle_allowed
 
@@ -66,12 +67,10 @@ def run_study(config: StudyConfig, pairs: list[Pair], stage: str, executor: str,
     check_inputs(config, plan)
     check_results_root(config)
     print(f"plan ({kind} executor, results in {config.study.results_root}):\n{describe(plan)}", flush=True)
-    if dry_run or not plan.arrays:
+    if not plan.arrays or (dry_run and kind == "local"):
         return 0
     if kind == "slurm":
-        for array in submit_to_slurm(config, plan):
-            print(f"{array.name}: job {array.job_id} ({array.size} task(s))")
-        return 0
+        return submit_study(config, plan, dry_run)
     outcomes = LocalRunner(config, config.executor.local_workers).run(plan)
     failed = [outcome for outcome in outcomes if outcome.state != SUCCEEDED]
     summary = StudyPaths(config).study_summary()
@@ -84,4 +83,28 @@ def run_study(config: StudyConfig, pairs: list[Pair], stage: str, executor: str,
         print("fix the cause and run the same command again: completed pairs are skipped")
         return 1
     print(f"all {len(outcomes)} task(s) completed")
+    return 0
+
+
+def submit_study(config: StudyConfig, plan: Plan, dry_run: bool) -> int:
+    """Submit the plan to SLURM and record it in the study's manifest (or render it, for a dry run)."""
+    from jobs import slurm
+    from jobs.manifest import load_manifest, new_manifest
+
+    started = time.monotonic()
+    submitted = slurm.submit_plan(config, plan, dry_run=dry_run)
+    if dry_run:
+        for array in submitted:
+            print(f"{array.name}: would submit {array.sbatch_file}")
+        return 0
+    manifest_path = Path(config.study.results_root) / "manifest.json"
+    manifest = load_manifest(config.study.results_root) if manifest_path.is_file() else new_manifest(config)
+    manifest.config = new_manifest(config).config  # the newest submission's settings rule from now on
+    manifest.add_attempt(submitted, "submit")
+    manifest.save()
+    for array in submitted:
+        after = f" after {','.join(array.depends_on)}" if array.depends_on else ""
+        print(f"{array.name}: job {array.job_id} ({len(array.pairs) or 1} task(s)){after}")
+    print(f"submitted in {time.monotonic() - started:.1f}s; manifest {manifest.path}; "
+          f"watch with: python launch.py status study.results_root={config.study.results_root}")
     return 0

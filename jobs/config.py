@@ -199,6 +199,16 @@ def load_config(config_file: str | Path | None, overrides: typing.Sequence[str] 
     return dataclasses.replace(config, data=data, source=str(config_file or ""))
 
 
+def config_from_dict(raw: dict[str, Any]) -> StudyConfig:
+    """Rebuild a resolved config saved with ``dataclasses.asdict`` (e.g. in a manifest)."""
+    problems: list[str] = []
+    data = {key: value for key, value in raw.items() if key != "source"}
+    config = _build(StudyConfig, data, "", problems)
+    if problems:
+        raise ConfigError(f"saved config: {'; '.join(problems)}")
+    return dataclasses.replace(config, source=raw.get("source", ""))
+
+
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     """Turn a dict into ``cls``, appending every type or key problem to ``problems``."""
     if not isinstance(raw, dict):

@@ -1,4 +1,4 @@
-"""The one module that runs a plan: on SLURM through submitit, or on this machine.
+"""The local executor: runs a plan on this machine (``jobs/slurm.py`` submits the same plan to SLURM).
 
 Local runs execute the same plan, arrays and dependencies as SLURM, in a small pool of worker
 processes. The processes are reused from task to task, so torch, transformers and lm-eval are imported
@@ -164,44 +164,3 @@ class LocalRunner:
         if outcome.state != SUCCEEDED:
             line += f": {outcome.error} — log: {self.paths.task_log(spec.array, spec.pair)}"
         log.info(line)
-
-
-# ---------------------------------------------------------------------------------------- slurm
-
-
-@dataclass
-class SubmittedArray:
-    name: str
-    job_id: str
-    size: int
-
-
-def submit_to_slurm(config: StudyConfig, plan: Plan) -> list[SubmittedArray]:
-    """Submit every array with submitit, chaining dependencies by array job id."""
-    import submitit  # light (no torch); imported here so local runs do not need it
-
-    from jobs.slurm_template import setup_lines
-
-    paths = StudyPaths(config)
-    submitted: dict[str, SubmittedArray] = {}
-    for array in plan.arrays:
-        executor = submitit.AutoExecutor(folder=str(paths.logs_dir() / "submitit" / "%j"), cluster="slurm")
-        resources = array.resources
-        dependencies = [f"{dep.kind}:{submitted[dep.array].job_id}"
-                        for dep in array.depends_on if dep.array in submitted]
-        additional = {"dependency": ",".join(dependencies)} if dependencies else {}
-        optional = {key: value for key, value in (("slurm_partition", resources.partition),
-                                                  ("slurm_account", resources.account),
-                                                  ("slurm_qos", resources.qos)) if value}
-        executor.update_parameters(
-            name=f"prunetune-{array.name}", timeout_min=resources.time_min, nodes=resources.nodes,
-            tasks_per_node=1, gpus_per_node=resources.gpus_per_node or None,
-            cpus_per_task=resources.cpus_per_task, mem_gb=resources.mem_gb,
-            slurm_array_parallelism=config.executor.array_parallelism,
-            slurm_setup=setup_lines(config), slurm_additional_parameters=additional, **optional)
-        from workers.entry import run_task
-        jobs = executor.map_array(run_task, array.tasks(config))
-        job_id = jobs[0].job_id.split("_")[0]
-        submitted[array.name] = SubmittedArray(array.name, job_id, array.size)
-        log.info("submitted %-26s job %s (%d task(s))", array.name, job_id, array.size)
-    return list(submitted.values())

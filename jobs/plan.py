@@ -78,8 +78,12 @@ class Plan:
         return [array.name for array in self.arrays]
 
 
-def build_plan(config: StudyConfig, pairs: list[Pair], stage: str) -> Plan:
-    """Turn the selected pairs and stage into arrays; pairs whose outputs are done are left out."""
+def build_plan(config: StudyConfig, pairs: list[Pair], stage: str, report_pairs: list[Pair] | None = None) -> Plan:
+    """Turn the selected pairs and stage into arrays; pairs whose outputs are done are left out.
+
+    ``report_pairs`` are the pairs the compare job reports on (default: ``pairs``); a resubmission
+    reruns a few pairs but reports the whole study again.
+    """
     paths = StudyPaths(config)
     resources = config.resources
     arrays: list[TaskArray] = []
@@ -120,7 +124,7 @@ def build_plan(config: StudyConfig, pairs: list[Pair], stage: str) -> Plan:
 
     if stage in ("compare", "all"):
         evals = tuple(Dependency(array.name, "afterany") for array in arrays if array.worker.startswith("evaluate"))
-        arrays.append(TaskArray("compare", "compare", tuple(pairs), resources.compare, evals))
+        arrays.append(TaskArray("compare", "compare", tuple(report_pairs or pairs), resources.compare, evals))
 
     return Plan(tuple(arrays), tuple(skipped))
 

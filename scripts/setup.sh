@@ -26,13 +26,13 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 
 stamp="$venv/.prunetune-installed"
-want="$(cat requirements.txt requirements-test.txt | sha256sum | cut -c1-16)-$requirements"
+want="$(cat requirements.txt requirements-test.txt constraints.txt | sha256sum | cut -c1-16)-$requirements"
 if [[ -f "$stamp" ]] && grep -qxF "$want" "$stamp"; then
   exit 0
 fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 echo "setup: installing torch==2.13.0, then $requirements into $venv ..." >&2
 "${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -r "$requirements"
+"${pip[@]}" -r "$requirements" -c constraints.txt
 echo "$want" >> "$stamp"
 echo "setup: done" >&2

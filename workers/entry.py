@@ -15,8 +15,8 @@ from jobs.plan import TaskSpec
 log = logging.getLogger("prunetune.task")
 
 
-def configure_logging() -> None:
-    """Plain timestamped lines on stderr: the scheduler's log file is where a user reads them."""
+def prepare_task_environment() -> None:
+    """Logging to stderr (the task log), offline Hub settings and a thread count that fits the task."""
     root = logging.getLogger()
     if not any(getattr(handler, "_prunetune", False) for handler in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -28,11 +28,16 @@ def configure_logging() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # torch sizes its thread pool by the machine's cores, not by what SLURM gave this task; on a
+    # shared node that oversubscribes the CPUs. Set before torch is imported.
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = cpus
 
 
 def run_task(spec: TaskSpec) -> str:
     """Run one task; raises on failure so the executor records it as failed."""
-    configure_logging()
+    prepare_task_environment()
     started = time.monotonic()
     log.info("start %s (pid %d, host %s)", spec.label, os.getpid(), os.uname().nodename)
     if spec.worker == "finetune":

@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,7 +131,7 @@ def run(config: StudyConfig, pair: Pair) -> None:
         report_to=[],
         disable_tqdm=True,  # progress goes to our log, one line per logging step
     )
-    progress = LogLines(pair.label)
+    progress = LogLines(pair.label, out_dir / "progress.json" if rank == 0 else None)
     trainer = Trainer(
         model=model,
         args=args,
@@ -175,6 +176,7 @@ def run(config: StudyConfig, pair: Pair) -> None:
     if rank != 0:
         return
     save_adapter(model, out_dir)
+    (out_dir / "progress.json").unlink(missing_ok=True)  # only meaningful while training runs
     record = {
         "pair": pair.label,
         "settings": dataclasses.asdict(tune),
@@ -259,8 +261,10 @@ def save_adapter(model: torch.nn.Module, out_dir: Path) -> None:
 class LogLines(TrainerCallback):
     """One plain line per Trainer log event, kept for ``training_log.txt`` and sent to our logger."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, progress_file: Path | None = None) -> None:
         self.label = label
+        self.progress_file = progress_file  # read by `launch.py status` for step/total, loss and ETA
+        self.started = time.monotonic()
         self.lines: list[str] = []
         self.train_losses: list[float] = []
         self.eval_losses: list[float] = []
@@ -279,6 +283,13 @@ class LogLines(TrainerCallback):
             return  # the end-of-training summary; run() writes its own
         self.lines.append(line)
         log.info("%s: %s", self.label, line)
+        if self.progress_file is not None and state.global_step:
+            elapsed = time.monotonic() - self.started
+            remaining = max(state.max_steps - state.global_step, 0)
+            atomic_write_json(self.progress_file, {
+                "step": state.global_step, "total": state.max_steps,
+                "loss": self.train_losses[-1] if self.train_losses else None,
+                "eta_s": round(elapsed / state.global_step * remaining, 1), "updated_at": _now()})
 
 
 def git_sha() -> str | None:

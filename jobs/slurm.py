@@ -1,0 +1,229 @@
+"""The one module that talks to SLURM: submission through submitit, and sacct/squeue/scancel.
+
+Submission and ``--dry-run`` build the executor with the same function (``make_executor``); the dry
+run renders the sbatch text with submitit's own renderer instead of calling ``sbatch``. Status for a
+whole study is ONE ``sacct`` call over every array job id of the study (``squeue`` only when sacct
+fails), because schedulers ban tools that poll per task.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.config import StudyConfig
+from jobs.errors import UserError
+from jobs.plan import Plan, TaskArray
+from jobs.slurm_template import setup_lines
+from jobs.study import StudyPaths
+
+log = logging.getLogger("prunetune")
+
+# SLURM states after which a task will not run again by itself.
+FAILED_STATES = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "CANCELLED", "PREEMPTED", "BOOT_FAIL",
+                 "DEADLINE", "REVOKED"}
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING", "CONFIGURING",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "NodeList", "Start", "End")
+
+
+class SlurmError(UserError):
+    """A SLURM command failed; the message carries its output."""
+
+
+@dataclass(frozen=True)
+class SubmittedArray:
+    name: str
+    worker: str
+    job_id: str  # the array job id; a one-task array is a plain job in SLURM's eyes
+    pairs: tuple[str, ...]  # pair slugs by array index (empty for compare)
+    depends_on: tuple[str, ...]  # rendered dependency clauses, e.g. aftercorr:1234
+    sbatch_file: str = ""
+
+
+@dataclass(frozen=True)
+class TaskState:
+    state: str
+    exit_code: str = ""
+    elapsed: str = ""
+    nodes: str = ""
+
+
+def make_executor(config: StudyConfig, array: TaskArray, dependency: str):
+    """The submitit executor for one array: resources from config, set-up lines from the template."""
+    import submitit
+
+    resources = array.resources
+    executor = submitit.SlurmExecutor(folder=str(StudyPaths(config).logs_dir() / "submitit" / "%j"))
+    optional = {key: value for key, value in (("partition", resources.partition), ("account", resources.account),
+                                              ("qos", resources.qos)) if value}
+    if resources.gpus_per_node:
+        optional["gpus_per_node"] = resources.gpus_per_node
+    executor.update_parameters(
+        job_name=f"prunetune-{array.name}", time=resources.time_min, nodes=resources.nodes, ntasks_per_node=1,
+        cpus_per_task=resources.cpus_per_task, mem=f"{resources.mem_gb}GB",
+        array_parallelism=config.executor.array_parallelism, setup=setup_lines(config),
+        additional_parameters={"dependency": dependency} if dependency else {}, **optional)
+    return executor
+
+
+def render_dependency(array: TaskArray, submitted: dict[str, SubmittedArray], plan: Plan) -> str:
+    clauses = []
+    for dependency in array.depends_on:
+        if dependency.array not in submitted:
+            continue
+        kind = dependency.kind
+        # submitit submits a one-task array as a plain job, for which aftercorr means afterok.
+        if kind == "aftercorr" and plan.array(dependency.array).size == 1:
+            kind = "afterok"
+        clauses.append(f"{kind}:{submitted[dependency.array].job_id}")
+    return ",".join(clauses)
+
+
+def submit_plan(config: StudyConfig, plan: Plan, dry_run: bool = False) -> list[SubmittedArray]:
+    """Submit every array in plan order, chaining dependencies by job id; or render them (dry run)."""
+    from workers.entry import run_task  # import-light: the worker modules load inside the job
+
+    submitted: dict[str, SubmittedArray] = {}
+    dry_run_dir = StudyPaths(config).logs_dir() / "dry_run"
+    for array in plan.arrays:
+        dependency = render_dependency(array, submitted, plan)
+        executor = make_executor(config, array, dependency)
+        pairs = tuple(pair.slug for pair in array.pairs) if array.worker != "compare" else ()
+        if dry_run:
+            text = render_sbatch(executor, array.size)
+            path = dry_run_dir / f"{array.name}.sbatch"
+            from jobs.state import atomic_write_text
+            atomic_write_text(path, text)
+            job_id = f"JOBID_{array.name}"  # a placeholder sbatch would reject: nothing real is submitted
+            submitted[array.name] = SubmittedArray(array.name, array.worker, job_id, pairs,
+                                                   tuple(dependency.split(",")) if dependency else (), str(path))
+            continue
+        try:
+            jobs = executor.map_array(run_task, array.tasks(config))
+        except Exception as error:  # submitit raises FailedSubmissionError with sbatch's message
+            raise SlurmError(f"submitting {array.name} failed: {str(error).strip().splitlines()[-1]}") from error
+        job_id = jobs[0].job_id.split("_")[0]
+        submission = Path(executor.folder.parent) / job_id
+        submitted[array.name] = SubmittedArray(array.name, array.worker, job_id, pairs,
+                                               tuple(dependency.split(",")) if dependency else (),
+                                               str(submission))
+    return list(submitted.values())
+
+
+def render_sbatch(executor, size: int) -> str:
+    """What submitit would hand to sbatch for an array of ``size`` tasks."""
+    import submitit.slurm.slurm as submitit_slurm
+
+    parameters = dict(executor.parameters)
+    if size > 1:
+        parameters["map_count"] = size
+    return submitit_slurm._make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder,
+                                              **parameters)
+
+
+def submitted_script(array: SubmittedArray) -> str:
+    """The sbatch text submitit wrote for a submitted array (kept in its log folder)."""
+    folder = Path(array.sbatch_file)
+    for candidate in sorted(folder.glob("*_submission.sh")):
+        return candidate.read_text()
+    raise FileNotFoundError(f"no submission file in {folder}")
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+def _run(command: list[str], timeout: float = 60) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SlurmError(f"{command[0]} not found; run this on a SLURM login node (or start "
+                         "scripts/local_slurm.sh)") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{shlex.join(command)} did not answer in {timeout:.0f} s; is slurmctld up?") from None
+    if result.returncode:
+        raise SlurmError(f"{shlex.join(command)} failed: {(result.stderr or result.stdout).strip()[:300]}")
+    return result.stdout
+
+
+_TASK_ID = re.compile(r"^(?P<job>\d+)(?:_(?P<index>\d+)|_\[(?P<ranges>[^\]]+)\])?$")
+
+
+def parse_sacct(text: str) -> dict[tuple[str, int | None], TaskState]:
+    """``sacct -X -n -P`` lines -> {(array job id, index or None for a plain job): state}.
+
+    A pending array shows as one line ``123_[2-11%4]``: every index in its ranges is PENDING.
+    """
+    states: dict[tuple[str, int | None], TaskState] = {}
+    for line in text.splitlines():
+        fields = line.split("|")
+        if len(fields) < len(SACCT_FIELDS):
+            continue
+        job_id, state, exit_code, elapsed, nodes = fields[:5]
+        match = _TASK_ID.match(job_id.strip())
+        if not match:
+            continue
+        task = TaskState(state.split()[0] if state else "UNKNOWN", exit_code, elapsed,
+                         "" if nodes in ("None assigned", "") else nodes)
+        if match["ranges"]:
+            for index in expand_ranges(match["ranges"]):
+                states[(match["job"], index)] = task
+        else:
+            states[(match["job"], int(match["index"]) if match["index"] else None)] = task
+    return states
+
+
+def expand_ranges(text: str) -> list[int]:
+    indices = []
+    for part in text.split("%")[0].split(","):
+        low, _, high = part.partition("-")
+        indices.extend(range(int(low), int(high or low) + 1))
+    return indices
+
+
+def query_states(job_ids: list[str]) -> tuple[dict[tuple[str, int | None], TaskState], str]:
+    """States of every task of these arrays in one sacct call. Returns (states, source).
+
+    Jobs sacct does not know yet (accounting lags the controller by a moment after submission) and
+    every job when sacct fails are asked of squeue, which knows the queued and running ones.
+    """
+    if not job_ids:
+        return {}, "none"
+    try:
+        text = _run(["sacct", "-X", "-n", "-P", "--format=" + ",".join(SACCT_FIELDS), "-j", ",".join(job_ids)])
+        states, source = parse_sacct(text), "sacct"
+    except SlurmError as error:
+        log.warning("sacct failed (%s); falling back to squeue, which knows only queued and running tasks", error)
+        states, source = {}, "squeue"
+    unknown = sorted(set(job_ids) - {job for job, _ in states})
+    if unknown:
+        text = _run(["squeue", "-h", "-r", "-o", "%i|%T|-|%M|%N|-|-", "-j", ",".join(unknown)])
+        states.update(parse_sacct(text))
+        source += "+squeue" if source == "sacct" else ""
+    return states, source
+
+
+def pending_reasons(job_ids: list[str]) -> dict[str, str]:
+    """{task id: reason} of the pending tasks of these arrays (to find DependencyNeverSatisfied)."""
+    if not job_ids:
+        return {}
+    text = _run(["squeue", "-h", "-r", "-t", "PD", "-o", "%i|%r", "-j", ",".join(job_ids)])
+    return dict(line.split("|", 1) for line in text.splitlines() if "|" in line)
+
+
+def cancel(task_ids: list[str]) -> None:
+    if task_ids:
+        _run(["scancel", *task_ids])
+
+
+def task_id(job_id: str, index: int | None) -> str:
+    return job_id if index is None else f"{job_id}_{index}"
+
+
+def log_path(config: StudyConfig, job_id: str, index: int | None) -> Path:
+    """submitit's stdout file of one task (its folder pattern is logs/submitit/%j)."""
+    full = task_id(job_id, index)
+    return StudyPaths(config).logs_dir() / "submitit" / full / f"{full}_0_log.out"
