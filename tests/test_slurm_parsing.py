@@ -1,0 +1,89 @@
+"""Narrow unit tests of the SLURM boundary with recorded sacct output (the real cluster is in test_slurm.py)."""
+import pytest
+
+from jobs import monitor, slurm
+from jobs.config import load_config
+from jobs.manifest import load_manifest, new_manifest
+from jobs.plan import build_plan
+from jobs.state import mark_done
+from jobs.study import Pair, StudyPaths, select_pairs
+
+# Recorded from Slurm 22.05 (sacct -X -n -P --format=JobID,State,ExitCode,Elapsed,NodeList,Start,End).
+RECORDED = """\
+41_0|COMPLETED|0:0|00:00:09|vm|2026-11-28T02:10:01|2026-11-28T02:10:10
+41_1|FAILED|1:0|00:00:07|vm|2026-11-28T02:10:01|2026-11-28T02:10:08
+41_2|CANCELLED by 0|0:15|00:00:03|vm|2026-11-28T02:10:09|2026-11-28T02:10:12
+41_[3-5%2]|PENDING|0:0|00:00:00|None assigned|Unknown|Unknown
+42|RUNNING|0:0|00:00:05|vm|2026-11-28T02:10:05|Unknown
+43_7|TIMEOUT|0:0|00:15:00|node[01-02]|2026-11-28T02:10:05|2026-11-28T02:25:05
+"""
+
+
+def test_parse_sacct_arrays_ranges_and_plain_jobs():
+    states = slurm.parse_sacct(RECORDED)
+    assert states[("41", 0)].state == "COMPLETED"
+    assert states[("41", 1)] == slurm.TaskState("FAILED", "1:0", "00:00:07", "vm")
+    assert states[("41", 2)].state == "CANCELLED"  # "CANCELLED by 0" -> CANCELLED
+    assert [states[("41", index)].state for index in (3, 4, 5)] == ["PENDING"] * 3
+    assert states[("41", 3)].nodes == ""
+    assert states[("42", None)].state == "RUNNING"
+    assert states[("43", 7)].nodes == "node[01-02]"
+
+
+def test_expand_ranges():
+    assert slurm.expand_ranges("0-2,5,7-8%4") == [0, 1, 2, 5, 7, 8]
+
+
+def test_dependency_of_a_one_task_array_is_afterok(tmp_path):
+    config = load_config(None, [f"study.results_root={tmp_path}"])
+    plan = build_plan(config, select_pairs(config, "Llama", "best_acc"), "all")
+    submitted = {"finetune": slurm.SubmittedArray("finetune", "finetune", "7", ("Llama__best_acc",), ())}
+    # submitit submits a one-task array as a plain job: aftercorr on it becomes afterok.
+    assert slurm.render_dependency(plan.array("evaluate_finetuned"), submitted, plan) == "afterok:7"
+    plan = build_plan(config, select_pairs(config), "all")
+    assert slurm.render_dependency(plan.array("evaluate_finetuned"), submitted, plan) == "aftercorr:7"
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    config = load_config(None, [f"study.results_root={tmp_path}", "study.models=[Llama]"])
+    manifest = new_manifest(config)
+    manifest.add_attempt([
+        slurm.SubmittedArray("finetune", "finetune", "41", ("Llama__best_acc", "Llama__best_ppl"), ()),
+        slurm.SubmittedArray("evaluate_pruned", "evaluate_pruned", "42", ("Llama__best_acc", "Llama__best_ppl"), ()),
+        slurm.SubmittedArray("evaluate_finetuned", "evaluate_finetuned", "44", ("Llama__best_acc", "Llama__best_ppl"),
+                             ("aftercorr:41",)),
+        slurm.SubmittedArray("compare", "compare", "45", (), ("afterany:42", "afterany:44"))], "submit")
+    manifest.save()
+    return config, manifest
+
+
+def test_manifest_round_trip(study):
+    config, manifest = study
+    loaded = load_manifest(config.study.results_root)
+    assert loaded.attempts[0].arrays == manifest.attempts[0].arrays
+    assert loaded.study_config() == config
+    assert loaded.latest_tasks()[("Llama__best_ppl", "evaluate_finetuned")][1] == 1
+
+
+def test_status_classifies_from_one_query(study, monkeypatch):
+    config, manifest = study
+    paths = StudyPaths(config)
+    finished = paths.finetuned_dir(Pair("Llama", "best_acc"))
+    finished.mkdir(parents=True)
+    (finished / "adapter_config.json").write_text("{}")
+    mark_done(finished, ["adapter_config.json"])
+    recorded = {("41", 0): slurm.TaskState("COMPLETED"), ("41", 1): slurm.TaskState("COMPLETED"),
+                ("42", 0): slurm.TaskState("RUNNING"), ("42", 1): slurm.TaskState("PENDING"),
+                ("44", 0): slurm.TaskState("FAILED")}
+    queries = []
+    monkeypatch.setattr(slurm, "query_states", lambda ids: (queries.append(ids), (recorded, "sacct"))[1])
+    rows, _ = monitor.collect(manifest, config)
+    state = {(row.pair.label if row.pair else "study", row.stage): row.state for row in rows}
+    assert len(queries) == 1 and queries[0] == ["41", "42", "44", "45"]
+    assert state[("Llama/best_acc", "finetune")] == "COMPLETED"
+    assert state[("Llama/best_ppl", "finetune")] == "incomplete"  # COMPLETED, outputs missing
+    assert state[("Llama/best_ppl", "evaluate_finetuned")] == "CANCELLED"  # no record, array known
+    assert state[("study", "compare")] == "UNKNOWN"  # sacct has never seen job 45
+    needs = {row.pair.label for row in rows if row.pair and monitor.needs_rerun(row)}
+    assert needs == {"Llama/best_acc", "Llama/best_ppl"}
