@@ -2,12 +2,15 @@
 """PruneTune: LoRA-finetune, evaluate and compare a batch of pruned LLMs, on SLURM or on this machine.
 
     python launch.py demo                                   # the whole tiny study, locally (start here)
+    python launch.py select --search prune_search.csv       # step 1: best_acc/best_ppl of each model
+    python launch.py check                                  # step 2: validate the study, estimate its cost
     python launch.py --batch-all --stage all                # all 12 pairs: finetune, evaluate, compare
     python launch.py --model Llama --config best_acc --stage finetune      # one pair (an array of one)
     python launch.py --batch-all --stage all --dry-run finetune.learning_rate=2e-4
     python launch.py status [--watch]                       # one table: pair x stage, from one sacct call
     python launch.py resubmit [--indices 3,7] [--stage finetune|evaluate|all]   # only what failed
     python launch.py cancel [--indices 3,7]
+    python launch.py report                                 # REPORT.md + plots, SUMMARY.md, summary.csv from the results tree
 
 Overrides are dotted config keys (``section.key=value``) applied on top of --config-file.
 """
@@ -40,6 +43,57 @@ def demo_parser() -> argparse.ArgumentParser:
         "study on them with the local executor. Re-running skips what is complete.")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--config-file", default="configs/demo.yaml", help="default: %(default)s")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def select_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py select", description="Step 1: read a pruning search (CSV, JSON lines, or a folder of "
+        "per-candidate JSON files; columns model, candidate, acc, ppl, optional path, params, metrics_source), "
+        "pick best_acc (highest acc) and best_ppl (lowest ppl) of each model, and materialise them in "
+        "<results_root>/for_finetuning/<Model>/<config>/ with selection_info.json, plus for_finetuning/SUMMARY.md. "
+        "Bad input writes nothing.")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    parser.add_argument("--search", required=True, help="the search results: a .csv, .jsonl file or a folder of .json")
+    parser.add_argument("--mode", choices=("symlink", "copy"), default="symlink",
+                        help="link each checkpoint file (default) or copy it (says how many GB first)")
+    parser.add_argument("--dry-run", action="store_true", help="print the selection; write nothing")
+    parser.add_argument("--config-file", default="configs/study.yaml", help="study config (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py report", description="Write the study report again from the results tree, on this machine "
+        "(no SLURM, no GPU, no torch): every pair's comparison_report.txt and comparison.json, SUMMARY.md, "
+        "summary.csv and REPORT.md with its plots in <results_root>/report_plots/. Pairs without both evaluations "
+        "are listed as missing.")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. study.reference_results=unpruned.json")
+    parser.add_argument("--config-file", default="configs/study.yaml", help="study config (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def check_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py check", description="Step 2: validate the study on this (login) node without loading "
+        "weights: checkpoints and their format, tokenizers, training and evaluation data, batch and DeepSpeed "
+        "arithmetic, and with SLURM the partition's GPUs, CPUs, memory and time limit (sinfo, sbatch --test-only). "
+        "Prints a checklist with the fix for each failure and the study's cost estimate (tokens, GPU-hours, "
+        "time per task against the time limit). Exit code 2 when a check fails. Every submission runs the quick "
+        "part of these checks by itself.")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--batch-all", action="store_true", help="every pair of the study (the default)")
+    which.add_argument("--model", help="one model, e.g. Llama or Qwen-Instruct (needs --config)")
+    parser.add_argument("--config", dest="pruning_config", help="the pruning config of that model")
+    parser.add_argument("--stage", choices=STAGES, default="all", help="what the submission would run (default: all)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    parser.add_argument("--config-file", default="configs/study.yaml", help="study config (default: %(default)s)")
+    parser.add_argument("--executor", choices=("auto", "local", "slurm"), default=None,
+                        help="auto (default): SLURM where sbatch is on PATH, else this machine")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -88,6 +142,18 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
+# Subcommands (the first argument); anything else is a study submission. The README's command reference is
+# generated from these parsers (python -m jobs.reference).
+COMMANDS = ("demo", "select", "check", "status", "resubmit", "cancel", "report")
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand, or of the study submission itself for ""."""
+    factories = {"": study_parser, "demo": demo_parser, "select": select_parser, "check": check_parser,
+                 "report": report_parser}
+    return factories[command]() if command in factories else monitor_parser(command)
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     debug = "--debug" in argv
@@ -97,6 +163,22 @@ def main(argv: list[str]) -> int:
             args = demo_parser().parse_args(argv[1:])
             return run_demo(args.config_file, args.overrides)
         from jobs.config import load_config
+        if argv[:1] == ["select"]:
+            from jobs.select import select
+            args = select_parser().parse_args(argv[1:])
+            return select(load_config(args.config_file, args.overrides), args.search, args.mode, args.dry_run)
+        if argv[:1] == ["report"]:
+            from jobs.report_command import write_study_report
+            args = report_parser().parse_args(argv[1:])
+            return write_study_report(load_config(args.config_file, args.overrides))
+        if argv[:1] == ["check"]:
+            from jobs.check import check_study
+            from jobs.study import select_pairs
+            args = check_parser().parse_args(argv[1:])
+            overrides = list(args.overrides) + ([f"executor.kind={args.executor}"] if args.executor else [])
+            config = load_config(args.config_file, overrides)
+            pairs = select_pairs(config, args.model, args.pruning_config)
+            return check_study(config, pairs, args.stage, config.executor.kind)
         if argv[:1] and argv[0] in ("status", "resubmit", "cancel"):
             from jobs import monitor
             args = monitor_parser(argv[0]).parse_args(argv[1:])

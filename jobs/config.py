@@ -23,20 +23,27 @@ PRUNING_CONFIG_NAMES = ("best_acc", "best_ppl")
 ZERO_SHOT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 PPL_DATASETS = ("wikitext2", "ptb")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj")
+# finetune.deepspeed: auto, none, or the name of a file in configs/deepspeed/ (a user may add their own there).
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+DEEPSPEED_CHOICES = ("auto", "none", *sorted(path.stem for path in DEEPSPEED_CONFIG_DIR.glob("*.yaml")))
 
 
 @dataclass(frozen=True)
 class StudySettings:
     """Which pairs the study covers and where it reads and writes."""
 
-    results_root: str = "results"
-    models: tuple[str, ...] = MODEL_NAMES
+    results_root: str = "results"  # where every output of the study goes (README: Results tree)
+    models: tuple[str, ...] = MODEL_NAMES  # the study's models, in the order of indices and reports
+    # best_acc: highest zero-shot accuracy; best_ppl: lowest perplexity.
     pruning_configs: tuple[str, ...] = PRUNING_CONFIG_NAMES
     # Where each pruned checkpoint lives; {results_root}, {model}, {config} are filled in.
     pruned_model_path: str = "{results_root}/for_finetuning/{model}/{config}"
     # Pickled checkpoints run code when loaded: list the pairs ("Llama/best_acc"), models ("Llama")
     # or "*" whose pickles you trust.
     allow_pickle: tuple[str, ...] = ()
+    # Optional JSON of the UNPRUNED models' scores, so the study report can say how much of the pruning loss
+    # LoRA recovers: {"Llama": {"ppl": {"wikitext2": 6.1, "ptb": 10.6}, "tasks": {"boolq": 0.81, ...}}, ...}.
+    reference_results: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,64 +54,81 @@ class DataSettings:
     train_path: str = "data/alpaca_data_cleaned.json"
     # Folder with one sub-folder per dataset in the real schemas (see README: "Evaluation data").
     eval_data_dir: str = "data/eval"
+    # Where the evaluation datasets come from, never downloaded: local_files (eval_data_dir), hub_mirror
+    # (hub_mirror_dir/<Hub repo id>, e.g. <mirror>/aps/super_glue, laid out like the Hub repos) or hf_cache
+    # (datasets already in HF_DATASETS_CACHE).
+    eval_source: str = "local_files"
+    hub_mirror_dir: str = ""  # with eval_source=hub_mirror: the folder that holds the mirrored Hub dataset repos
 
 
 @dataclass(frozen=True)
 class FinetuneSettings:
     """LLM-Pruner's LoRA recovery recipe; every default is that recipe's value."""
 
-    prompt_template: str = "alpaca"
-    cutoff_len: int = 256
-    train_on_inputs: bool = False
-    add_eos_token: bool = True
-    val_set_size: int = 2000
-    seed: int = 42
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    prompt_template: str = "alpaca"  # the Alpaca prompt, with and without an input, as LLM-Pruner
+    cutoff_len: int = 256  # tokens per example; a longer prompt + response is cut
+    train_on_inputs: bool = False  # false: prompt tokens are masked (-100), the loss covers the response
+    add_eos_token: bool = True  # append EOS to each example when there is room
+    val_set_size: int = 2000  # examples held out for validation (at most a tenth of the data)
+    seed: int = 42  # data shuffle and LoRA initialisation
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scale = lora_alpha / lora_r
+    lora_dropout: float = 0.05  # dropout on the LoRA branch's input
+    # Linear layers that get LoRA; ones a pruned model lacks are skipped.
     lora_target_modules: tuple[str, ...] = LORA_TARGETS
-    num_epochs: float = 2.0
-    learning_rate: float = 1e-4
+    num_epochs: float = 2.0  # passes over the training examples
+    learning_rate: float = 1e-4  # peak learning rate, reached after warmup_steps
     batch_size: int = 64  # sequences per optimizer step = micro_batch_size x accumulation x world size
+    # Sequences per forward/backward on one GPU; lower it on CUDA OOM (the step stays batch_size).
     micro_batch_size: int = 4
     warmup_steps: int = 100  # clamped to a tenth of the run when the run is shorter
-    logging_steps: int = 10
-    eval_steps: int = 100
+    logging_steps: int = 10  # optimizer steps between loss lines in the log
+    eval_steps: int = 100  # optimizer steps between validation passes
     precision: str = "auto"  # auto: bf16 where the GPU has it, else fp32; or bf16, fp16, fp32
     max_steps: int = -1  # > 0 caps the optimizer steps (smoke runs); -1 runs num_epochs
-    group_by_length: bool = False
+    group_by_length: bool = False  # batch examples of similar length together
+    # DeepSpeed ZeRO config from configs/deepspeed/ (zero2, zero3, zero3_offload) or none. auto: zero2 on GPUs or
+    # with several ranks, none for one CPU process (nothing to shard; DeepSpeed would only slow the demo's start).
+    deepspeed: str = "auto"
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
     """Perplexity the LLM-Pruner way plus lm-eval zero-shot tasks."""
 
-    ppl_datasets: tuple[str, ...] = PPL_DATASETS
-    ppl_seq_len: int = 128
-    ppl_batch_size: int = 8
-    ppl_add_bos: bool = False
-    tasks: tuple[str, ...] = ZERO_SHOT_TASKS
-    batch_size: int = 16
+    ppl_datasets: tuple[str, ...] = PPL_DATASETS  # perplexity datasets
+    ppl_seq_len: int = 128  # tokens per perplexity window (LLM-Pruner: 128)
+    ppl_batch_size: int = 8  # perplexity windows per forward pass
+    ppl_add_bos: bool = False  # false: one BOS at the start of the text, as LLM-Pruner; true: BOS in every window
+    tasks: tuple[str, ...] = ZERO_SHOT_TASKS  # lm-eval zero-shot tasks
+    batch_size: int = 16  # lm-eval batch size
     limit: int = 0  # > 0 evaluates only the first N documents of each task (smoke runs)
-    precision: str = "auto"
+    precision: str = "auto"  # auto: bf16 where the GPU has it, else fp32; or bf16, fp16, fp32
+    # Merge the LoRA adapter into the weights before evaluating (faster); false evaluates it through peft, unmerged.
+    merge_adapter: bool = False
+    # Also lm-eval's own `wikitext` task: word/byte perplexity of whole documents, a DIFFERENT quantity from the
+    # LLM-Pruner token perplexity above (needs wikitext_document_level/test.jsonl, or its Hub repo).
+    lm_eval_wikitext: bool = False
 
 
 @dataclass(frozen=True)
 class StageResources:
     """What one task of a stage asks the scheduler for."""
 
-    nodes: int = 1
-    gpus_per_node: int = 1
-    cpus_per_task: int = 8
-    mem_gb: int = 64
-    time_min: int = 720
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
+    nodes: int = 1  # nodes per task
+    gpus_per_node: int = 1  # GPUs per node (a finetune runs one rank per GPU); 0 runs on CPU
+    cpus_per_task: int = 8  # CPU cores per SLURM task (--cpus-per-task)
+    mem_gb: int = 64  # host memory per node in GB (--mem)
+    time_min: int = 720  # time limit in minutes (--time); `launch.py check` estimates what a stage needs
+    partition: str = ""  # SLURM partition; empty: the template's preset, else the cluster's default
+    account: str = ""  # SLURM account; empty: the template's preset, else none
+    qos: str = ""  # SLURM qos; empty: the template's preset, else the account's default
 
 
 @dataclass(frozen=True)
 class ResourceSettings:
+    """What each stage's tasks ask SLURM for, on top of the presets of executor.slurm_template."""
+
     finetune: StageResources = StageResources()
     evaluate: StageResources = StageResources(time_min=120)
     compare: StageResources = StageResources(gpus_per_node=0, cpus_per_task=2, mem_gb=8, time_min=30)
@@ -112,10 +136,12 @@ class ResourceSettings:
 
 @dataclass(frozen=True)
 class ExecutorSettings:
+    """Where the tasks run: SLURM or this machine."""
+
     kind: str = "auto"  # auto: slurm where sbatch is on PATH, else local
     array_parallelism: int = 12  # SLURM's %N cap on concurrently running tasks of one array
     local_workers: int = 2  # processes the local executor runs tasks in
-    slurm_template: str = "slurm_templates/default.yaml"
+    slurm_template: str = "slurm_templates/default.yaml"  # the cluster's preset: set-up lines and per-stage resources
 
 
 @dataclass(frozen=True)
@@ -135,6 +161,8 @@ CHOICES = {
     "finetune.precision": ("auto", "bf16", "fp16", "fp32"),
     "evaluate.precision": ("auto", "bf16", "fp16", "fp32"),
     "finetune.prompt_template": ("alpaca",),
+    "data.eval_source": ("local_files", "hub_mirror", "hf_cache"),
+    "finetune.deepspeed": DEEPSPEED_CHOICES,
 }
 ELEMENT_CHOICES = {
     "study.models": MODEL_NAMES,
@@ -187,7 +215,8 @@ def load_config(config_file: str | Path | None, overrides: typing.Sequence[str] 
             node = child
         else:
             node[leaf] = parsed
-    config = _build(StudyConfig, raw, "", problems)
+    from jobs.slurm_template import with_template_resources  # the cluster's presets, beneath this config
+    config = _build(StudyConfig, with_template_resources(raw), "", problems)
     problems.extend(_check_semantics(config))
     if problems:
         listing = "; ".join(problems)
@@ -195,7 +224,8 @@ def load_config(config_file: str | Path | None, overrides: typing.Sequence[str] 
     # Data paths may name {results_root}, so a study's inputs can live inside its own root.
     root = config.study.results_root
     data = dataclasses.replace(config.data, train_path=config.data.train_path.replace("{results_root}", root),
-                               eval_data_dir=config.data.eval_data_dir.replace("{results_root}", root))
+                               eval_data_dir=config.data.eval_data_dir.replace("{results_root}", root),
+                               hub_mirror_dir=config.data.hub_mirror_dir.replace("{results_root}", root))
     return dataclasses.replace(config, data=data, source=str(config_file or ""))
 
 
@@ -209,11 +239,16 @@ def config_from_dict(raw: dict[str, Any]) -> StudyConfig:
     return dataclasses.replace(config, source=raw.get("source", ""))
 
 
-def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
-    """Turn a dict into ``cls``, appending every type or key problem to ``problems``."""
+def _build(cls: type, raw: Any, prefix: str, problems: list[str], base: Any = None) -> Any:
+    """Turn a dict into ``cls``, appending every type or key problem to ``problems``.
+
+    Keys the dict leaves out keep ``base``'s values (the enclosing default, e.g. resources.evaluate's
+    time_min=120), not the class's own defaults.
+    """
+    base = base if base is not None else cls()
     if not isinstance(raw, dict):
         problems.append(f"{prefix or 'top level'}: expected a mapping, got {raw!r}")
-        return cls()
+        return base
     hints = typing.get_type_hints(cls)
     public = [f.name for f in fields(cls) if not f.metadata.get("internal")]
     values: dict[str, Any] = {}
@@ -224,12 +259,12 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value, f"{dotted}.", problems)
+            values[key] = _build(hint, value, f"{dotted}.", problems, getattr(base, key))
         else:
             converted = _convert(value, hint, dotted, problems)
             if converted is not _INVALID:
                 values[key] = converted
-    return cls(**values)
+    return dataclasses.replace(base, **values)
 
 
 _INVALID = object()
@@ -281,6 +316,11 @@ def _check_semantics(config: StudyConfig) -> list[str]:
     if tune.batch_size % tune.micro_batch_size:
         problems.append(f"finetune.batch_size {tune.batch_size} is not a multiple of finetune.micro_batch_size "
                         f"{tune.micro_batch_size}; pick sizes that divide")
+    finetune_ranks = config.resources.finetune.nodes * max(config.resources.finetune.gpus_per_node, 1)
+    if finetune_ranks > 1 and tune.batch_size % (tune.micro_batch_size * finetune_ranks):
+        problems.append(f"finetune.batch_size {tune.batch_size} is not a multiple of finetune.micro_batch_size x "
+                        f"ranks ({tune.micro_batch_size} x {finetune_ranks}, ranks = resources.finetune.nodes x "
+                        "gpus_per_node); pick sizes that divide, so every optimizer step sees batch_size sequences")
     if not 0 <= tune.lora_dropout < 1:
         problems.append(f"finetune.lora_dropout: must be in [0, 1), got {tune.lora_dropout}")
     if tune.learning_rate <= 0 or tune.num_epochs <= 0:
@@ -291,6 +331,9 @@ def _check_semantics(config: StudyConfig) -> list[str]:
             problems.append(f"resources.{stage}: nodes >= 1, gpus_per_node >= 0 and time_min >= 1 are required")
     if not config.study.models or not config.study.pruning_configs:
         problems.append("study.models and study.pruning_configs must each name at least one entry")
+    if config.data.eval_source == "hub_mirror" and not config.data.hub_mirror_dir:
+        problems.append("data.eval_source is hub_mirror but data.hub_mirror_dir is empty; set it to the folder "
+                        "holding the mirrored Hub dataset repos (e.g. <mirror>/aps/super_glue)")
     return problems
 
 

@@ -85,6 +85,7 @@ class LocalRunner:
         self.config = config
         self.paths = StudyPaths(config)
         self.workers = workers
+        self._display: TaskDisplay | None = None
 
     def run(self, plan: Plan) -> list[TaskOutcome]:
         arrays = {array.name: array for array in plan.arrays}
@@ -93,6 +94,7 @@ class LocalRunner:
         outcomes: dict[tuple[str, int], TaskOutcome] = {}
         running: dict[Future, TaskSpec] = {}
         total = len(pending)
+        self._display = TaskDisplay.open(total)  # a live bar on a terminal; None in logs and pipes
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker_process,
@@ -140,6 +142,8 @@ class LocalRunner:
                                                initializer=_init_worker_process, initargs=(threads,))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if self._display:
+                self._display.close()
         return list(outcomes.values())
 
     @staticmethod
@@ -163,4 +167,32 @@ class LocalRunner:
         line = f"[{count:>3}/{total}] {outcome.state:<9} {spec.label} ({outcome.seconds:.1f}s)"
         if outcome.state != SUCCEEDED:
             line += f": {outcome.error} — log: {self.paths.task_log(spec.array, spec.pair)}"
-        log.info(line)
+        if self._display:
+            self._display.finished(line, outcome.state == SUCCEEDED)
+        else:
+            log.info(line)
+
+
+class TaskDisplay:
+    """A progress bar (rich) while a local plan runs on a terminal; finished tasks print above it."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]tasks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+        self.task = self.progress.add_task("", total=total)
+        self.progress.start()
+
+    @classmethod
+    def open(cls, total: int) -> "TaskDisplay | None":
+        interactive = sys.stdout.isatty() and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        return cls(total) if interactive and total else None
+
+    def finished(self, line: str, ok: bool) -> None:
+        self.progress.console.print(line, style=None if ok else "red", markup=False, highlight=False)
+        self.progress.update(self.task, advance=1, description=line.split("] ", 1)[-1][:60])
+
+    def close(self) -> None:
+        self.progress.stop()

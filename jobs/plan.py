@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs.cache import baseline_is_current, evaluation_is_current
 from jobs.config import StageResources, StudyConfig
 from jobs.state import is_done
 from jobs.study import Pair, StudyPaths
@@ -89,8 +90,8 @@ def build_plan(config: StudyConfig, pairs: list[Pair], stage: str, report_pairs:
     arrays: list[TaskArray] = []
     skipped: list[tuple[str, Pair, str]] = []
 
-    def done(folder: Path, array_name: str, pair: Pair) -> bool:
-        if is_done(folder):
+    def done(folder: Path, array_name: str, pair: Pair, current: bool | None = None) -> bool:
+        if is_done(folder) if current is None else current:
             skipped.append((array_name, pair, f"done ({folder})"))
             return True
         return False
@@ -102,7 +103,9 @@ def build_plan(config: StudyConfig, pairs: list[Pair], stage: str, report_pairs:
             arrays.append(TaskArray("finetune", "finetune", tuple(to_finetune), resources.finetune))
 
     if stage in ("evaluate", "all"):
-        baseline = [pair for pair in pairs if not done(paths.baseline_eval_dir(pair), "evaluate_pruned", pair)]
+        # A cached baseline counts only when its key (model files + evaluation settings, jobs/cache.py) matches.
+        baseline = [pair for pair in pairs if not done(paths.baseline_eval_dir(pair), "evaluate_pruned", pair,
+                                                       baseline_is_current(config, pair))]
         if baseline:
             arrays.append(TaskArray("evaluate_pruned", "evaluate_pruned", tuple(baseline), resources.evaluate))
         # Index i of this array waits on index i of the finetune array, so both hold the same pairs
@@ -112,7 +115,9 @@ def build_plan(config: StudyConfig, pairs: list[Pair], stage: str, report_pairs:
                                     resources.evaluate, (Dependency("finetune", "aftercorr"),)))
         ready = []
         for pair in pairs:
-            if pair in to_finetune or done(paths.finetuned_eval_dir(pair), "evaluate_finetuned", pair):
+            # Complete but made with other evaluation settings counts as not done (it would compare unlike numbers).
+            folder = paths.finetuned_eval_dir(pair)
+            if pair in to_finetune or done(folder, "evaluate_finetuned", pair, evaluation_is_current(config, folder)):
                 continue
             if is_done(paths.finetuned_dir(pair)):
                 ready.append(pair)

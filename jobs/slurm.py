@@ -62,8 +62,11 @@ def make_executor(config: StudyConfig, array: TaskArray, dependency: str):
                                               ("qos", resources.qos)) if value}
     if resources.gpus_per_node:
         optional["gpus_per_node"] = resources.gpus_per_node
+    # A finetune runs one rank per GPU, each its own SLURM task (workers/distributed.py); other stages use one task.
+    ranks_per_node = resources.gpus_per_node if array.worker == "finetune" and resources.gpus_per_node > 0 else 1
     executor.update_parameters(
-        job_name=f"prunetune-{array.name}", time=resources.time_min, nodes=resources.nodes, ntasks_per_node=1,
+        job_name=f"prunetune-{array.name}", time=resources.time_min, nodes=resources.nodes,
+        ntasks_per_node=ranks_per_node,
         cpus_per_task=resources.cpus_per_task, mem=f"{resources.mem_gb}GB",
         array_parallelism=config.executor.array_parallelism, setup=setup_lines(config),
         additional_parameters={"dependency": dependency} if dependency else {}, **optional)

@@ -1,6 +1,7 @@
 """The pure plan: arrays, per-index and any-end dependencies, skipping what is done."""
 import pytest
 
+from jobs.cache import CACHE_FIELD, EVALUATION_FIELD, baseline_key, evaluation_identity
 from jobs.config import load_config
 from jobs.errors import ConfigError
 from jobs.plan import Dependency, build_plan, describe
@@ -17,6 +18,26 @@ def mark(folder):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").write_text("{}")
     mark_done(folder, ["result.json"])
+
+
+def mark_evaluated(config, folder):
+    """A finetuned evaluation counts as done only when made with the current evaluation settings."""
+    identity = evaluation_identity(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text("{}")
+    mark_done(folder, ["result.json"], extra={EVALUATION_FIELD: {"digest": identity.digest, "files": identity.files}})
+
+
+def mark_baseline(config, pair):
+    """A cached baseline counts only with the current cache key, which needs the model's files."""
+    model = StudyPaths(config).pruned_model(pair)
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    folder = StudyPaths(config).baseline_eval_dir(pair)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text("{}")
+    mark_done(folder, ["result.json"], extra={CACHE_FIELD: baseline_key(config, pair).as_record()})
 
 
 def test_all_stages_for_the_whole_study(config):
@@ -54,8 +75,8 @@ def test_done_pairs_are_skipped_and_cached_baselines_reused(config):
     done_pair, ready_pair = Pair("Qwen", "best_acc"), Pair("Qwen", "best_ppl")
     for pair in (done_pair, ready_pair):
         mark(paths.finetuned_dir(pair))
-        mark(paths.baseline_eval_dir(pair))
-    mark(paths.finetuned_eval_dir(done_pair))
+        mark_baseline(config, pair)
+    mark_evaluated(config, paths.finetuned_eval_dir(done_pair))
     plan = build_plan(config, select_pairs(config), "all")
     assert done_pair not in plan.array("finetune").pairs and ready_pair not in plan.array("finetune").pairs
     assert plan.array("finetune").size == 10
@@ -75,3 +96,13 @@ def test_evaluate_stage_alone_waits_for_adapters(config):
 def test_compare_alone_has_no_dependencies(config):
     plan = build_plan(config, select_pairs(config), "compare")
     assert plan.names == ["compare"] and plan.array("compare").depends_on == ()
+
+
+def test_finetuned_evaluation_with_other_settings_is_planned_again(config, tmp_path):
+    paths = StudyPaths(config)
+    pair = Pair("Mistral", "best_acc")
+    mark(paths.finetuned_dir(pair))
+    mark_evaluated(config, paths.finetuned_eval_dir(pair))
+    assert "evaluate_finetuned_ready" not in build_plan(config, [pair], "evaluate").names
+    changed = load_config(None, [f"study.results_root={tmp_path}", "evaluate.ppl_seq_len=2048"])
+    assert build_plan(changed, [pair], "evaluate").array("evaluate_finetuned_ready").pairs == (pair,)

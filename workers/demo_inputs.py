@@ -1,10 +1,14 @@
-"""The demo study's inputs, made offline: a locally trained tokenizer, 12 tiny random-init pruned
-models, alpaca-format training data and evaluation files in the real datasets' schemas.
+"""The demo study's inputs, made offline: a locally trained tokenizer, a small pruning search over tiny
+random-init candidates, alpaca-format training data and evaluation files in the real datasets' schemas.
 
-The models stand in for real pruned checkpoints only in shape and format: Llama, Qwen2 and Mistral
-architectures (the -Instruct ones share an architecture with another seed), best_acc and best_ppl with
-different MLP widths as pruning leaves them, and one LLM-Pruner-style pickle whose layers have
-non-uniform MLP widths. Everything here is deterministic for a given seed.
+The search has three candidates per model, each with its own (LLM-Pruner-style) pruning parameters and
+MLP width, written under ``<inputs>/candidates/<Model>/<candidate>/`` and listed in
+``<inputs>/pruning_search.jsonl``. Their ACC and PPL are SYNTHETIC stand-ins chosen so that each
+selection is unambiguous; nothing measured them, and every row says so in ``metrics_source``.
+``launch.py select`` then picks best_acc and best_ppl per model, as in a real study. Llama's best_ppl
+candidate is an LLM-Pruner-style pickle whose layers have non-uniform MLP widths. The models stand in
+for real pruned checkpoints only in shape and format: Llama, Qwen2 and Mistral architectures (the
+-Instruct ones share an architecture with another seed). Everything here is deterministic for a seed.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 
 from jobs.config import StudyConfig
 from jobs.state import atomic_write_json, atomic_write_text, is_done, mark_done
-from jobs.study import Pair, StudyPaths, select_pairs
 from workers.eval_data_demo import write_demo_eval_data
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,22 @@ ARCHITECTURES = {
     "Qwen": (Qwen2Config, Qwen2ForCausalLM),
     "Mistral": (MistralConfig, MistralForCausalLM),
 }
-# best_acc keeps more of the MLP than best_ppl in this stand-in; the numbers only need to differ.
-MLP_WIDTH = {"best_acc": 160, "best_ppl": 128}
-PICKLED_PAIR = Pair("Llama", "best_ppl")
+# Three candidates per model. The first two win best_acc and best_ppl by their synthetic metrics; the
+# third is dominated (the runner-up of both). ``offset`` keeps each candidate's metrics distinct per model.
+CANDIDATES = (
+    {"suffix": "r20-taylor-param_first", "width": 160, "acc": 0.5946, "ppl": 15.82,
+     "params": {"pruning_ratio": 0.20, "pruner_type": "taylor", "taylor": "param_first",
+                "block_mlp_layer_start": 4, "block_mlp_layer_end": 30}},
+    {"suffix": "r25-taylor-param_mix", "width": 128, "acc": 0.5731, "ppl": 13.39,
+     "params": {"pruning_ratio": 0.25, "pruner_type": "taylor", "taylor": "param_mix",
+                "block_mlp_layer_start": 3, "block_mlp_layer_end": 31}},
+    {"suffix": "r35-l2", "width": 96, "acc": 0.5412, "ppl": 19.05,
+     "params": {"pruning_ratio": 0.35, "pruner_type": "l2", "taylor": None,
+                "block_mlp_layer_start": 4, "block_mlp_layer_end": 30}},
+)
+PICKLED = ("Llama", 1)  # Llama's second candidate (its best_ppl) is written as an LLM-Pruner pickle
+SYNTHETIC = "synthetic stand-in written by launch.py demo; not measured"
+SEARCH_FILE = "pruning_search.jsonl"
 VOCAB_SIZE = 1024
 
 SUBJECTS = ["the cat", "a farmer", "the river", "my teacher", "the old car", "a small bird", "the city",
@@ -92,10 +108,10 @@ def train_tokenizer(corpus_files: list[Path], folder: Path) -> PreTrainedTokeniz
     return wrapped
 
 
-def build_model(pair: Pair, tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
-    family = pair.model.removesuffix("-Instruct")
+def build_model(model_name: str, width: int, tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
+    family = model_name.removesuffix("-Instruct")
     config_class, model_class = ARCHITECTURES[family]
-    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=MLP_WIDTH[pair.config],
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=width,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=512, tie_word_embeddings=False,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -117,12 +133,21 @@ def prune_unevenly(model: torch.nn.Module, widths: list[int]) -> None:
             linear.in_features = inputs or linear.in_features
 
 
-def generate_demo_inputs(config: StudyConfig, seed: int = 0) -> None:
-    """Write every input of the demo study; a folder already marked complete is left as it is."""
+def generate_demo_inputs(config: StudyConfig, seed: int = 0) -> Path:
+    """Everything the demo study needs: its inputs and search (``write_demo_search``), then ``select``."""
+    search = write_demo_search(config, seed)
+    from jobs.select import select
+    select(config, search, mode="symlink")
+    return search
+
+
+def write_demo_search(config: StudyConfig, seed: int = 0) -> Path:
+    """Write the demo's data, candidates and search file; a folder already marked complete is left as it is."""
     inputs = Path(config.data.train_path).parent
-    if is_done(inputs):
+    search = inputs / SEARCH_FILE
+    if is_done(inputs) and search.is_file():
         log.info("demo inputs already in %s", inputs)
-        return
+        return search
     inputs.mkdir(parents=True, exist_ok=True)
     transformers_logging.disable_progress_bar()
     train_path = Path(config.data.train_path)
@@ -135,22 +160,29 @@ def generate_demo_inputs(config: StudyConfig, seed: int = 0) -> None:
                   for line in path.read_text().splitlines()]
         corpus.write_text("\n".join(texts))
         tokenizer = train_tokenizer([corpus], inputs / "tokenizer")
-    paths = StudyPaths(config)
-    for number, pair in enumerate(select_pairs(config)):
-        folder = paths.pruned_model(pair)
-        model = build_model(pair, tokenizer, seed=seed * 1000 + number)
-        folder.mkdir(parents=True, exist_ok=True)
-        if pair == PICKLED_PAIR:
-            prune_unevenly(model, [MLP_WIDTH[pair.config], MLP_WIDTH[pair.config] // 2])
-            torch.save({"model": model, "tokenizer": tokenizer}, folder / "pytorch_model.bin")
-        else:
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-        atomic_write_json(folder / "selection_info.json", {
-            "model": pair.model, "pruning_config": pair.config,
-            "source": "demo stand-in: random-init weights generated by launch.py demo, not selected from a search",
-            "format": "llm-pruner pickle" if pair == PICKLED_PAIR else "huggingface",
-            "parameters": sum(parameter.numel() for parameter in model.parameters())})
-        log.info("demo model %s -> %s", pair.label, folder)
-    atomic_write_text(inputs / "README.txt", "Generated by `python launch.py demo`; safe to delete.\n")
-    mark_done(inputs, [train_path.name, "README.txt"])
+    rows = []
+    for model_number, model_name in enumerate(config.study.models):
+        for number, candidate in enumerate(CANDIDATES):
+            name = f"{model_name}-{candidate['suffix']}"
+            folder = inputs / "candidates" / model_name / name
+            folder.mkdir(parents=True, exist_ok=True)
+            # The first two candidates get the seeds the demo's best_acc/best_ppl models always had.
+            model = build_model(model_name, candidate["width"], tokenizer,
+                                seed=seed * 1000 + 2 * model_number + number if number < 2 else seed * 1000 + 500
+                                + model_number)
+            if (model_name, number) == PICKLED:
+                prune_unevenly(model, [candidate["width"], candidate["width"] // 2])
+                torch.save({"model": model, "tokenizer": tokenizer}, folder / "pytorch_model.bin")
+            else:
+                model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+            offset = 0.0021 * model_number  # distinct, still synthetic, numbers per model
+            rows.append({"model": model_name, "candidate": name, "path": str(folder.relative_to(inputs)),
+                         "params": candidate["params"], "acc": round(candidate["acc"] - offset, 4),
+                         "ppl": round(candidate["ppl"] + 10 * offset, 2), "metrics_source": SYNTHETIC})
+            log.info("demo candidate %s -> %s", name, folder)
+    atomic_write_text(search, "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(inputs / "README.txt", "Generated by `python launch.py demo`; safe to delete. The ACC and PPL "
+                      f"in {SEARCH_FILE} are synthetic stand-ins, not measurements.\n")
+    mark_done(inputs, [train_path.name, "README.txt", SEARCH_FILE])
+    return search

@@ -4,6 +4,9 @@ Every sentence comes from the word lists and templates below, deterministically 
 dataset text is copied. The layout is the one ``workers.perplexity`` and ``workers.zero_shot`` read:
 
     wikitext2/test.jsonl        {"text"}                       wikitext-2-raw-v1, test split
+    wikitext_document_level/test.jsonl
+                                {"page"}                       EleutherAI/wikitext_document_level, the same
+                                                               text as one row per article (lm-eval's wikitext)
     ptb/validation.jsonl        {"sentence"}                   ptb_text_only/penn_treebank, validation
     boolq/validation.jsonl      {"question", "passage", "idx", "label": 0|1}
     piqa/validation.jsonl       {"goal", "sol1", "sol2", "label": 0|1}
@@ -59,6 +62,22 @@ def _wikitext_rows(rng: random.Random, lines: int) -> list[dict[str, Any]]:
             rows += [{"text": ""}, {"text": f" = The {_noun(rng).title()} = \n"}, {"text": ""}]
         rows.append({"text": " " + " ".join(_sentence(rng) for _ in range(rng.randint(2, 5))) + " \n"})
     return rows[:lines]
+
+
+def _wikitext_pages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same lines regrouped as EleutherAI/wikitext_document_level does: one "page" per top-level article.
+
+    A top-level heading is a line " = Title = " (sub-headings have more "="); its article runs to the next one.
+    """
+    pages: list[list[str]] = []
+    for row in rows:
+        line = row["text"]
+        stripped = line.strip()
+        heading = stripped.startswith("= ") and stripped.endswith(" =") and not stripped.startswith("= =")
+        if heading or not pages:
+            pages.append([])
+        pages[-1].append(line)
+    return [{"page": "".join(lines)} for lines in pages if "".join(lines).strip()]
 
 
 def _ptb_rows(rng: random.Random, lines: int) -> list[dict[str, Any]]:
@@ -138,8 +157,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def write_demo_eval_data(out_dir: Path, seed: int = 0, docs_per_task: int = 40, ppl_text_lines: int = 300) -> None:
     """Write every file of the layout above under ``out_dir`` (overwriting), deterministic for ``seed``."""
     out_dir = Path(out_dir)
-    _write_jsonl(out_dir / "wikitext2" / "test.jsonl", _wikitext_rows(random.Random(f"{seed}-wikitext2"),
-                                                                      ppl_text_lines))
+    wikitext = _wikitext_rows(random.Random(f"{seed}-wikitext2"), ppl_text_lines)
+    _write_jsonl(out_dir / "wikitext2" / "test.jsonl", wikitext)
+    _write_jsonl(out_dir / "wikitext_document_level" / "test.jsonl", _wikitext_pages(wikitext))
     _write_jsonl(out_dir / "ptb" / "validation.jsonl", _ptb_rows(random.Random(f"{seed}-ptb"), ppl_text_lines))
     for relative, (name, make) in TASK_FILES.items():
         rng = random.Random(f"{seed}-{name}")

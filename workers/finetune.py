@@ -7,11 +7,15 @@ Features:
   out of the loss unless ``finetune.train_on_inputs``.
 - LoRA on the ``finetune.lora_target_modules`` the model actually has; transformers ``Trainer`` with
   gradient accumulation sized so one optimizer step sees ``finetune.batch_size`` sequences over all ranks.
+- One rank per SLURM task (``workers/distributed.py`` sets up ranks and process group, no launcher);
+  DeepSpeed ZeRO from ``configs/deepspeed/<finetune.deepspeed>.yaml`` with its "auto" values filled from
+  this recipe. ``finetune.deepspeed=auto`` means ZeRO-2 on GPUs or with several ranks, and no DeepSpeed
+  for one CPU process (the demo), where it would shard nothing and only cost start-up time.
 - Warmup clamped to a tenth of the run for short runs; bf16/fp16 on GPU as configured, fp32 on CPU.
-- Writes, on rank 0 and atomically: ``adapter_model.safetensors`` and ``adapter_config.json``,
-  ``finetuning_config.json`` (every setting, the derived values, versions, git sha, times, metrics),
-  ``training_log.txt`` (one line per logging step, eval losses, runtime and real-token throughput),
-  then ``DONE.json`` last.
+- Writes, on rank 0 only (other ranks log warnings only) and atomically: ``adapter_model.safetensors`` and
+  ``adapter_config.json``, ``finetuning_config.json`` (every setting, the derived values and the resolved
+  DeepSpeed config, versions, git sha, times, metrics), ``training_log.txt`` (one line per logging step,
+  eval losses, runtime and real-token throughput), then ``DONE.json`` last.
 
 Raises ``InputError`` for a missing or malformed checkpoint or training file, or a model with none of
 the LoRA target modules.
@@ -42,6 +46,7 @@ from jobs.config import FinetuneSettings, StudyConfig
 from jobs.errors import InputError
 from jobs.state import atomic_write_json, atomic_write_text, clear_done, is_done, mark_done
 from jobs.study import Pair, StudyPaths, pickle_allowed
+from workers import distributed
 from workers.modelio import load_pruned_model, resolve_dtype
 from workers.prompts import load_alpaca_examples, tokenize_example
 
@@ -61,10 +66,18 @@ def run(config: StudyConfig, pair: Pair) -> None:
     if is_done(out_dir):
         log.info("%s: finetune already done in %s; skipping", pair.label, out_dir)
         return
+    run_info = distributed.setup(config.finetune.deepspeed, on_gpu=torch.cuda.is_available())
+    try:
+        _finetune(config, pair, out_dir, run_info)
+    finally:
+        distributed.teardown()  # the local executor runs its next task in this same process
+
+
+def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distributed.DistributedRun) -> None:
+    paths = StudyPaths(config)
     tune = config.finetune
     started = _now()
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = run_info.ranks.rank, run_info.ranks.world_size
     on_gpu = torch.cuda.is_available()
     if rank == 0:
         clear_done(out_dir)  # a stale marker must not vouch for files this run is about to replace
@@ -101,10 +114,24 @@ def run(config: StudyConfig, pair: Pair) -> None:
     total_steps = optimizer_steps(len(train_set), tune, accumulation, world_size)
     warmup = min(tune.warmup_steps, total_steps // 10)  # only bites when the run is < 10 x warmup steps
     log.info("%s: %d train / %d val examples, LoRA on %s (%d of %d parameters trainable), %d optimizer steps "
-             "of %d sequences (%d x %d accumulation x %d ranks), warmup %d, %s on %s",
+             "of %d sequences (%d x %d accumulation x %d ranks), warmup %d, %s on %s, DeepSpeed %s",
              pair.label, len(train_set), len(val_set), ",".join(targets), trainable, total, total_steps,
              tune.micro_batch_size * accumulation * world_size, tune.micro_batch_size, accumulation, world_size,
-             warmup, str(dtype).removeprefix("torch."), "GPU" if on_gpu else "CPU")
+             warmup, str(dtype).removeprefix("torch."), "GPU" if on_gpu else "CPU", run_info.deepspeed or "off")
+
+    deepspeed_config = None
+    if run_info.deepspeed:
+        # The Trainer's AdamW defaults (LLM-Pruner keeps them) for configs that name DeepSpeed's optimizer.
+        defaults = TrainingArguments
+        deepspeed_config = distributed.resolve_deepspeed_config(
+            distributed.load_deepspeed_config(run_info.deepspeed),
+            distributed.auto_values(
+                micro_batch_size=tune.micro_batch_size, accumulation=accumulation, world_size=world_size,
+                learning_rate=tune.learning_rate, dtype=dtype, hidden_size=model.get_input_embeddings().embedding_dim,
+                warmup_steps=warmup, total_steps=total_steps, max_grad_norm=defaults.max_grad_norm,
+                betas=(defaults.adam_beta1, defaults.adam_beta2), eps=defaults.adam_epsilon,
+                weight_decay=defaults.weight_decay),
+            where=f"configs/deepspeed/{run_info.deepspeed}.yaml")
 
     scratch = out_dir / SCRATCH
     args = TrainingArguments(
@@ -128,6 +155,9 @@ def run(config: StudyConfig, pair: Pair) -> None:
         remove_unused_columns=False,  # items hold exactly the model's inputs: input_ids, attention_mask, labels
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if world_size > 1 else None,
+        deepspeed=deepspeed_config,
+        # Reuse the accelerate state workers/distributed.py made from the process group (see its docstring).
+        accelerator_config={"use_configured_state": True} if run_info.configured_state else None,
         report_to=[],
         disable_tqdm=True,  # progress goes to our log, one line per logging step
     )
@@ -163,8 +193,13 @@ def run(config: StudyConfig, pair: Pair) -> None:
         "train_runtime_s": runtime,  # the Trainer's, evaluations during training included
         "train_tokens": train_tokens,
         "train_tokens_per_s": train_tokens / runtime if runtime else None,
-        "lora_b_max_abs": lora_b_max_abs(model),  # LoRA B starts at zero: > 0 proves the adapter trained
     }
+    # ZeRO-3 shards parameters: gather the LoRA weights (on every rank: it is collective) to read and save them.
+    lora_parameters = [param for name, param in model.named_parameters() if "lora_" in name]
+    with distributed.gathered(lora_parameters):
+        metrics["lora_b_max_abs"] = lora_b_max_abs(model)  # LoRA B starts at zero: > 0 proves the adapter trained
+        if rank == 0:
+            save_adapter(model, out_dir)
     tokens_per_s = metrics["train_tokens_per_s"] or 0.0
     progress.lines += [f"train_runtime_s {runtime:.2f}",
                        f"train_tokens {train_tokens} (non-pad) train_tokens_per_s {tokens_per_s:.1f}",
@@ -172,10 +207,9 @@ def run(config: StudyConfig, pair: Pair) -> None:
     log.info("%s: trained %d steps in %.1f s (%.0f tokens/s), loss %s -> %s", pair.label, trainer.state.global_step,
              runtime, tokens_per_s, metrics["first_train_loss"], metrics["last_train_loss"])
 
-    # ---- save (rank 0): adapter, records, then the done marker ----------------------------------
+    # ---- save (rank 0): records, then the done marker (the adapter is saved above) ----------------
     if rank != 0:
         return
-    save_adapter(model, out_dir)
     (out_dir / "progress.json").unlink(missing_ok=True)  # only meaningful while training runs
     record = {
         "pair": pair.label,
@@ -193,11 +227,15 @@ def run(config: StudyConfig, pair: Pair) -> None:
             "total_parameters": total,
             "dtype": str(dtype).removeprefix("torch."),
             "device": "cuda" if on_gpu else "cpu",
+            "deepspeed": run_info.deepspeed or "none",
+            "deepspeed_config": deepspeed_config,
+            "process_group_backend": run_info.backend,
         },
         "base_model": {"path": str(model_path), "format": model_format},
         "train_path": str(config.data.train_path),
         "versions": {name: importlib.metadata.version(name)
-                     for name in ("torch", "transformers", "peft", "accelerate")},
+                     for name in ("torch", "transformers", "peft", "accelerate",
+                                  *(("deepspeed",) if run_info.deepspeed else ()))},
         "git_sha": git_sha(),
         "started_at": started,
         "finished_at": _now(),

@@ -15,13 +15,14 @@ Each window therefore scores ``seq_len - 1`` tokens: its first token has no cont
         BOS is never scored, so each window still scores ``seq_len - 1`` tokens.
 Both knobs and the counts are recorded with the result.
 
-Local files (rows of JSON, one per line, in the real datasets' schemas):
+The texts come from ``data.eval_source`` (``jobs/eval_data.py``); as local files, JSON lines in the real schemas:
   <eval_data_dir>/wikitext2/test.jsonl   {"text": ...}      wikitext-2-raw-v1, test split
   <eval_data_dir>/ptb/validation.jsonl   {"sentence": ...}  ptb_text_only/penn_treebank, validation split
+lm-eval's ``wikitext`` task (word/byte perplexity of whole articles) is a different quantity; see
+``workers.zero_shot.evaluate_lm_eval_wikitext``.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -29,34 +30,20 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from jobs.config import DataSettings
 from jobs.errors import InputError
+from jobs.eval_data import EVAL_DATASETS, location
+from workers.eval_sources import as_data, load_rows
 
-# dataset -> (file under eval_data_dir, text field, what the real source is)
-PPL_SOURCES = {
-    "wikitext2": ("wikitext2/test.jsonl", "text", "wikitext-2-raw-v1 test split"),
-    "ptb": ("ptb/validation.jsonl", "sentence", "ptb_text_only (penn_treebank) validation split"),
-}
 JOINER = "\n\n"
+METHOD = ("LLM-Pruner PPLMetric: texts joined with \\n\\n, tokenized once, non-overlapping windows of seq_len, "
+          "tail dropped, ppl = exp(mean token NLL)")
 
 
-def load_ppl_texts(eval_data_dir: Path, dataset: str) -> list[str]:
-    """The text field of every row of the dataset's local file, in file order."""
-    relative, field, source = PPL_SOURCES[dataset]
-    path = Path(eval_data_dir) / relative
-    if not path.is_file():
-        raise InputError(f"perplexity dataset {dataset}: {path} does not exist; put the {source} there as "
-                         f'JSON lines {{"{field}": ...}} or set data.eval_data_dir')
-    texts = []
-    with path.open() as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)[field])
-            except (ValueError, KeyError, TypeError):
-                raise InputError(f'{path} line {number}: expected a JSON object with a "{field}" string '
-                                 f"({source} schema)") from None
-    return texts
+def load_ppl_texts(source: DataSettings | Path | str, dataset: str) -> list[str]:
+    """The text field of every row of the dataset's evaluated split, in order (local file, mirror or cache)."""
+    field = EVAL_DATASETS[dataset].fields[0]
+    return [row[field] for row in load_rows(as_data(source), dataset)]
 
 
 def window_token_ids(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -114,14 +101,16 @@ def compute_perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBas
                              "joined text tokenized once with the tokenizer's default special tokens")}
 
 
-def dataset_perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, eval_data_dir: Path,
+def dataset_perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: DataSettings | Path,
                        dataset: str, seq_len: int, batch_size: int, add_bos: bool,
                        device: torch.device | str) -> dict[str, Any]:
-    """Load one dataset's local file and compute its perplexity; the result names its source file."""
-    texts = load_ppl_texts(eval_data_dir, dataset)
+    """Load one dataset and compute its perplexity; the result names where the texts came from."""
+    data = as_data(source)
+    texts = load_ppl_texts(data, dataset)
     try:
         result = compute_perplexity(model, tokenizer, texts, seq_len, batch_size, add_bos, device)
     except InputError as error:
         raise InputError(f"perplexity dataset {dataset}: {error}") from None
-    relative, _, source = PPL_SOURCES[dataset]
-    return {**result, "data_file": str(Path(eval_data_dir) / relative), "source": source}
+    spec = EVAL_DATASETS[dataset]
+    return {**result, "metric": "token perplexity (LLM-Pruner)", "eval_source": data.eval_source,
+            "data_location": str(location(data, spec)), "source": spec.description, "n_texts": len(texts)}

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from jobs.errors import InputError
+
+if TYPE_CHECKING:  # the login node's `check` reads the data with this module: no transformers import
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # torch's cross-entropy skips this label
 

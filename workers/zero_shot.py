@@ -1,49 +1,42 @@
-"""Zero-shot accuracy through lm-eval's REAL built-in task definitions, reading local copies of the data.
+"""Zero-shot accuracy through lm-eval's REAL built-in task definitions, reading the data offline.
 
 For each task we write a small YAML that ``include:``s lm-eval's own task file by absolute path, so
 prompt, choices, target, preprocessing (hellaswag's ``process_docs``, winogrande's functions) and
-metrics are lm-eval's; only where the data comes from changes:
+metrics are lm-eval's; only where the data comes from changes, by ``data.eval_source`` (jobs/eval_data.py):
 
     include: <site-packages>/lm_eval/tasks/super_glue/boolq/default.yaml
     task: boolq                   # the real name, so results keep it
-    dataset_path: json            # datasets' packaged JSON builder: local files, no Hub
+    # local_files: datasets' packaged JSON builder on <eval_data_dir>/boolq/validation.jsonl
+    dataset_path: json
     dataset_name: null
     dataset_kwargs: {data_files: {validation: <eval_data_dir>/boolq/validation.jsonl},
                      cache_dir: <per-process temp dir>}
-    training_split: null          # the local copy holds only the evaluated split, and
+    # hub_mirror: dataset_path: <hub_mirror_dir>/aps/super_glue (dataset_name stays lm-eval's: boolq)
+    # hf_cache:   dataset_path stays aps/super_glue, read from HF_DATASETS_CACHE with the Hub switched off
+    training_split: null          # only the evaluated split is needed, and
     validation_split: null        #   (test-split tasks) lm-eval would otherwise index the missing ones
     num_fewshot: 0                # zero-shot, as LLM-Pruner reports
 
-Nothing here touches the network: "json" is datasets' packaged builder and the files are local (the
-task entry point also sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE before anything imports them).
+Nothing here touches the network: every source is checked on the file system first (a missing dataset
+fails in milliseconds, naming where to put it) and lm-eval runs inside ``offline_hub()``.
 
 The YAMLs go into a per-process temp dir indexed by ``TaskManager(include_path=..., include_defaults=False)``:
 indexing lm-eval's ~15,000 built-in tasks takes ~20 s, our seven files take ~10 ms; without the
 built-ins in the index our tasks keep their real names without a clash.
 
-Local files (JSON lines in the real datasets' schemas; the split is the one lm-eval evaluates):
-    boolq/validation.jsonl       super_glue boolq: question, passage, idx, label (0/1)
-    piqa/validation.jsonl        goal, sol1, sol2, label (0/1)
-    hellaswag/validation.jsonl   ind, activity_label, ctx_a, ctx_b, ctx, endings, source_id, split,
-                                 split_type, label ("0".."3", a string)
-    winogrande/validation.jsonl  winogrande_xl: sentence (one "_"), option1, option2, answer ("1"/"2")
-    arc_easy/test.jsonl, arc_challenge/test.jsonl
-                                 id, question, choices {text: [...], label: [...]}, answerKey
-    openbookqa/test.jsonl        openbookqa main: id, question_stem, choices {text, label}, answerKey
-
 Headline metric per task as LLM-Pruner reports it: acc for boolq, piqa, winogrande, arc_easy;
 acc_norm for hellaswag, arc_challenge, openbookqa; ``average`` is the mean of the headline metrics.
+``evaluate_lm_eval_wikitext`` runs lm-eval's ``wikitext`` task the same way: word and byte perplexity of
+whole articles (rolling loglikelihood), NOT the LLM-Pruner token perplexity of ``workers.perplexity``.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.metadata
 import json
 import logging
 import math
 import numbers
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -54,7 +47,10 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
+from jobs.config import DataSettings
 from jobs.errors import InputError
+from jobs.eval_data import EVAL_DATASETS, EvalDataset, location, missing_eval_data, require_eval_data
+from workers.eval_sources import as_data, offline_hub, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +58,34 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TaskSource:
     builtin_yaml: str  # relative to lm_eval/tasks
-    data_file: str  # relative to eval_data_dir
-    split: str  # the split lm-eval evaluates for this task
-    metric: str  # LLM-Pruner's headline metric
-    fields: tuple[str, ...]  # what lm-eval's prompt and preprocessing read
-    schema: str
+    metric: str  # LLM-Pruner's headline metric ("" for a perplexity task)
+    dataset: str  # the key of its data in jobs.eval_data.EVAL_DATASETS
+
+    @property
+    def data(self) -> EvalDataset:
+        return EVAL_DATASETS[self.dataset]
+
+    @property
+    def split(self) -> str:
+        return self.data.split
+
+    @property
+    def data_file(self) -> str:
+        return self.data.local_file
 
 
 TASK_SOURCES = {
-    "boolq": TaskSource("super_glue/boolq/default.yaml", "boolq/validation.jsonl", "validation", "acc",
-                        ("question", "passage", "label"), "super_glue boolq validation"),
-    "piqa": TaskSource("piqa/piqa.yaml", "piqa/validation.jsonl", "validation", "acc",
-                       ("goal", "sol1", "sol2", "label"), "piqa validation"),
-    "hellaswag": TaskSource("hellaswag/hellaswag.yaml", "hellaswag/validation.jsonl", "validation", "acc_norm",
-                            ("activity_label", "ctx_a", "ctx_b", "endings", "label"), "hellaswag validation"),
-    "winogrande": TaskSource("winogrande/default.yaml", "winogrande/validation.jsonl", "validation", "acc",
-                             ("sentence", "option1", "option2", "answer"), "winogrande_xl validation"),
-    "arc_easy": TaskSource("arc/arc_easy.yaml", "arc_easy/test.jsonl", "test", "acc",
-                           ("question", "choices", "answerKey"), "ai2_arc ARC-Easy test"),
-    "arc_challenge": TaskSource("arc/arc_challenge.yaml", "arc_challenge/test.jsonl", "test", "acc_norm",
-                                ("question", "choices", "answerKey"), "ai2_arc ARC-Challenge test"),
-    "openbookqa": TaskSource("openbookqa/openbookqa.yaml", "openbookqa/test.jsonl", "test", "acc_norm",
-                             ("question_stem", "choices", "answerKey"), "openbookqa main test"),
+    "boolq": TaskSource("super_glue/boolq/default.yaml", "acc", "boolq"),
+    "piqa": TaskSource("piqa/piqa.yaml", "acc", "piqa"),
+    "hellaswag": TaskSource("hellaswag/hellaswag.yaml", "acc_norm", "hellaswag"),
+    "winogrande": TaskSource("winogrande/default.yaml", "acc", "winogrande"),
+    "arc_easy": TaskSource("arc/arc_easy.yaml", "acc", "arc_easy"),
+    "arc_challenge": TaskSource("arc/arc_challenge.yaml", "acc_norm", "arc_challenge"),
+    "openbookqa": TaskSource("openbookqa/openbookqa.yaml", "acc_norm", "openbookqa"),
 }
+# lm-eval's own wikitext task (document-level word/byte perplexity); run only with evaluate.lm_eval_wikitext.
+WIKITEXT_TASK = "wikitext"
+WIKITEXT_SOURCE = TaskSource("wikitext/wikitext.yaml", "", "lm_eval_wikitext")
 HEADLINE_METRIC = {task: source.metric for task, source in TASK_SOURCES.items()}
 
 # Warnings lm-eval repeats on every evaluation about things we do on purpose; all others are kept.
@@ -96,83 +97,84 @@ KNOWN_NOISE = (
 )
 
 
-def check_zero_shot_data(eval_data_dir: Path, tasks: tuple[str, ...] | list[str]) -> dict[str, Path]:
-    """Every task's local file, checked for existence and its first row's fields; all problems at once."""
-    files, problems = {}, []
-    for task in tasks:
-        source = TASK_SOURCES[task]
-        path = Path(eval_data_dir).resolve() / source.data_file
-        files[task] = path
+def _source_of(task: str) -> TaskSource:
+    return WIKITEXT_SOURCE if task == WIKITEXT_TASK else TASK_SOURCES[task]
+
+
+def check_zero_shot_data(source: DataSettings | Path | str, tasks: tuple[str, ...] | list[str]) -> dict[str, Path]:
+    """Every task's data is where ``data.eval_source`` reads it (local files: with the fields in the first row).
+
+    All problems are reported at once, in milliseconds, before anything is loaded. Returns task -> location.
+    """
+    data = as_data(source)
+    names = [_source_of(task).dataset for task in tasks]
+    files = {task: location(data, _source_of(task).data).resolve() for task in tasks}
+    if data.eval_source != "local_files":
+        require_eval_data(data, names)
+        return files
+    problems = missing_eval_data(data, names)
+    for task, path in files.items():
+        spec = _source_of(task).data
         if not path.is_file():
-            problems.append(f"{task}: {path} does not exist (want JSON lines of the {source.schema} split: "
-                            f"{', '.join(source.fields)})")
             continue
         with path.open() as stream:
             first = stream.readline()
         try:
             row = json.loads(first)
-            missing = [name for name in source.fields if name not in row]
+            missing = [name for name in spec.fields if name not in row]
         except ValueError:
-            row, missing = None, list(source.fields)
+            row, missing = None, list(spec.fields)
         if not isinstance(row, dict) or missing:
-            problems.append(f"{task}: the first row of {path} lacks {', '.join(missing)} ({source.schema} schema)")
+            problems.append(f"{task}: the first row of {path} lacks {', '.join(missing)} ({spec.description} schema)")
     if problems:
-        raise InputError(f"zero-shot data under {eval_data_dir}: {'; '.join(problems)}; fix the files or set "
-                         "data.eval_data_dir")
+        raise InputError(f"zero-shot data under {data.eval_data_dir}: {'; '.join(problems)}; fix the files, set "
+                         "data.eval_data_dir, or set data.eval_source to hub_mirror or hf_cache")
     return files
 
 
-_WORK_DIR: Path | None = None
 _TASK_MANAGERS: dict[tuple[str, tuple[str, ...]], Any] = {}
 
 
-def _work_dir() -> Path:
-    """One temp dir per process for generated YAMLs and the datasets cache, removed at exit.
+def override_config(task: str, source: DataSettings | Path, builtin_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """The YAML content that reuses lm-eval's task ``task`` with only its data location changed.
 
-    The datasets Arrow cache lives here, not in ~/.cache: node-local, never shared between
-    concurrent jobs on a network file system, and reused by every evaluation of this process.
+    ``source`` is the data settings, or (local files) the path of the task's JSON-lines file itself.
     """
-    global _WORK_DIR
-    if _WORK_DIR is None:
-        _WORK_DIR = Path(tempfile.mkdtemp(prefix="prunetune-lmeval-"))
-        atexit.register(shutil.rmtree, _WORK_DIR, ignore_errors=True)
-    return _WORK_DIR
-
-
-def override_config(task: str, data_file: Path, builtin_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """The YAML content that reuses lm-eval's task ``task`` with only its data location changed."""
-    source = TASK_SOURCES[task]
-    config: dict[str, Any] = {
-        "include": str(builtin_dir / source.builtin_yaml),
-        "task": task,
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {source.split: str(data_file)}, "cache_dir": str(cache_dir)},
-        "training_split": None,
-        "num_fewshot": 0,
-    }
-    if source.split == "test":
+    spec = _source_of(task)
+    config: dict[str, Any] = {"include": str(builtin_dir / spec.builtin_yaml), "task": task}
+    data = source if isinstance(source, DataSettings) else None
+    if data is None or data.eval_source == "local_files":
+        data_file = Path(source) if data is None else location(data, spec.data).resolve()
+        config |= {"dataset_path": "json", "dataset_name": None,
+                   "dataset_kwargs": {"data_files": {spec.split: str(data_file)}, "cache_dir": str(cache_dir)}}
+    elif data.eval_source == "hub_mirror":
+        config |= {"dataset_path": str(location(data, spec.data).resolve()),
+                   "dataset_kwargs": {"cache_dir": str(cache_dir)}}
+    # hf_cache: lm-eval's own dataset_path and dataset_name, read from the cache with the Hub switched off.
+    config |= {"training_split": None, "num_fewshot": 0}
+    if spec.split == "test":
         config["validation_split"] = None
     return config
 
 
-def task_manager_for(eval_data_dir: Path, tasks: tuple[str, ...]) -> Any:
-    """A TaskManager that knows only our override tasks; built once per process and data folder."""
+def task_manager_for(source: DataSettings | Path, tasks: tuple[str, ...]) -> Any:
+    """A TaskManager that knows only our override tasks; built once per process and data location."""
     import lm_eval.tasks
 
-    key = (str(Path(eval_data_dir).resolve()), tuple(tasks))
+    data = as_data(source)
+    key = (repr((data.eval_source, str(Path(data.eval_data_dir).resolve()), data.hub_mirror_dir)), tuple(tasks))
     if key not in _TASK_MANAGERS:
-        files = check_zero_shot_data(eval_data_dir, tasks)
-        folder = Path(tempfile.mkdtemp(prefix="tasks-", dir=_work_dir()))
+        files = check_zero_shot_data(data, tasks)
+        folder = Path(tempfile.mkdtemp(prefix="tasks-", dir=work_dir()))
         builtin_dir = Path(lm_eval.tasks.__file__).parent
-        moved = [source.builtin_yaml for task, source in TASK_SOURCES.items()
-                 if task in tasks and not (builtin_dir / source.builtin_yaml).is_file()]
+        moved = [_source_of(task).builtin_yaml for task in tasks
+                 if not (builtin_dir / _source_of(task).builtin_yaml).is_file()]
         if moved:
             raise RuntimeError(f"lm-eval {importlib.metadata.version('lm_eval')} in {builtin_dir} lacks the task "
                                f"files {', '.join(moved)}; install the lm-eval version pinned for PruneTune")
         for task in tasks:
-            config = override_config(task, files[task], builtin_dir, _work_dir() / "datasets")
-            header = f"# PruneTune: lm-eval's built-in {task}, reading {files[task]}\n"
+            config = override_config(task, data, builtin_dir, work_dir() / "datasets")
+            header = f"# PruneTune: lm-eval's built-in {task}, reading {files[task]} ({data.eval_source})\n"
             (folder / f"{task}.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
         manager = lm_eval.tasks.TaskManager(include_path=str(folder), include_defaults=False)
         # lm-eval skips a YAML it cannot parse with a DEBUG line only; say so loudly instead.
@@ -182,7 +184,7 @@ def task_manager_for(eval_data_dir: Path, tasks: tuple[str, ...]) -> Any:
                                f"{folder}; load one with lm_eval.tasks._yaml_loader.load_yaml to see why")
         _TASK_MANAGERS[key] = manager
         log.info("lm-eval %s tasks %s: built-in definitions, data from %s (generated in %s)",
-                 importlib.metadata.version("lm_eval"), ", ".join(tasks), eval_data_dir, folder)
+                 importlib.metadata.version("lm_eval"), ", ".join(tasks), data.eval_source, folder)
     return _TASK_MANAGERS[key]
 
 
@@ -264,24 +266,55 @@ def summarize_results(results: dict[str, Any], tasks: tuple[str, ...] | list[str
     return {"tasks": summary, "average": average, "average_over": list(tasks)}
 
 
-def evaluate_zero_shot(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, eval_data_dir: Path,
-                       tasks: tuple[str, ...] | list[str], batch_size: int, limit: int) -> dict[str, Any]:
-    """Run the tasks 0-shot on the already-loaded ``model``; ``limit`` > 0 keeps the first N docs per task."""
-    tasks = tuple(tasks)
-    check_zero_shot_data(eval_data_dir, tasks)
+def _run_lm_eval(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataSettings,
+                 tasks: tuple[str, ...], batch_size: int, limit: int) -> dict[str, Any]:
     import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
 
+    manager = task_manager_for(data, tasks)
+    try:
+        with _quiet_lm_eval(), offline_hub():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            return lm_eval.evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit or None,
+                                                     task_manager=manager, log_samples=False)
+    except (FileNotFoundError, ConnectionError, ValueError) as error:
+        if data.eval_source == "local_files" or "dataset" not in str(error).lower():
+            raise
+        first = str(error).splitlines()[0][:200]
+        raise InputError(f"lm-eval could not read {', '.join(tasks)} from {data.eval_source} ({first}); check that "
+                         "the copies are complete (README: Evaluation data)") from None
+
+
+def evaluate_zero_shot(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: DataSettings | Path,
+                       tasks: tuple[str, ...] | list[str], batch_size: int, limit: int) -> dict[str, Any]:
+    """Run the tasks 0-shot on the already-loaded ``model``; ``limit`` > 0 keeps the first N docs per task."""
+    tasks, data = tuple(tasks), as_data(source)
+    files = check_zero_shot_data(data, tasks)
     started = time.monotonic()
-    manager = task_manager_for(eval_data_dir, tasks)
-    with _quiet_lm_eval():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0,
-                                                    limit=limit or None, task_manager=manager, log_samples=False)
+    results = _run_lm_eval(model, tokenizer, data, tasks, batch_size, limit)
     summary = summarize_results(results, tasks)
-    files = {task: str(Path(eval_data_dir).resolve() / TASK_SOURCES[task].data_file) for task in tasks}
     for task in tasks:
-        summary["tasks"][task]["data_file"] = files[task]
+        summary["tasks"][task]["data_location"] = str(files[task])
         summary["tasks"][task]["split"] = TASK_SOURCES[task].split
-    return {**summary, "lm_eval_version": importlib.metadata.version("lm_eval"), "num_fewshot": 0,
-            "limit": limit or None, "batch_size": batch_size, "wall_time_s": round(time.monotonic() - started, 3)}
+    return {**summary, "eval_source": data.eval_source, "lm_eval_version": importlib.metadata.version("lm_eval"),
+            "num_fewshot": 0, "limit": limit or None, "batch_size": batch_size,
+            "wall_time_s": round(time.monotonic() - started, 3)}
+
+
+def evaluate_lm_eval_wikitext(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: DataSettings | Path,
+                              batch_size: int, limit: int) -> dict[str, Any]:
+    """lm-eval's own ``wikitext`` task: word perplexity, byte perplexity and bits per byte of whole articles."""
+    data = as_data(source)
+    files = check_zero_shot_data(data, (WIKITEXT_TASK,))
+    started = time.monotonic()
+    results = _run_lm_eval(model, tokenizer, data, (WIKITEXT_TASK,), batch_size, limit)
+    metrics = results["results"][WIKITEXT_TASK]
+    return {"metric": "lm-eval wikitext: word/byte perplexity of whole documents (rolling loglikelihood); not "
+                      "comparable with the LLM-Pruner token perplexity",
+            **{name: _number(metrics.get(f"{name},none")) for name in ("word_perplexity", "byte_perplexity",
+                                                                       "bits_per_byte")},
+            "task": WIKITEXT_TASK, "version": results.get("versions", {}).get(WIKITEXT_TASK),
+            "n_documents": results.get("n-samples", {}).get(WIKITEXT_TASK, {}).get("effective"),
+            "limit": limit or None, "eval_source": data.eval_source, "data_location": str(files[WIKITEXT_TASK]),
+            "lm_eval_version": importlib.metadata.version("lm_eval"),
+            "wall_time_s": round(time.monotonic() - started, 3)}

@@ -1,0 +1,574 @@
+"""``launch.py check``: validate a study on the login node in seconds, without loading any weights.
+
+Two depths share one list of checks:
+
+* ``require_ready`` runs the quick ones before every submission or local run (file presence and format,
+  the pickle opt-in, DeepSpeed and batch arithmetic, the SLURM partition): the first failure becomes
+  one ``InputError`` line, exit code 2, before anything is written or submitted.
+* ``check_study`` (``launch.py check``) adds the deeper ones (tokenizers load, training data and every
+  evaluation file parse with the fields the workers read), prints a checklist with the fix for each
+  failure, and the cost estimate of the study (``jobs/cost.py``). Exit code 2 when any check fails.
+
+Nothing here imports torch, transformers, peft, deepspeed or lm-eval; ``tokenizers`` (a Rust
+extension, ~0.1 s) reads ``tokenizer.json`` to check it and to count tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from jobs.checkpoints import find_checkpoint
+from jobs.config import StageResources, StudyConfig, did_you_mean
+from jobs.errors import InputError, UserError
+from jobs.eval_data import EVAL_DATASETS, location, missing_eval_data, wanted_datasets
+from jobs.executor import resolve_kind
+from jobs.plan import Plan, TaskArray, build_plan
+from jobs.state import sha256_of
+from jobs.study import Pair, StudyPaths, pickle_allowed
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+OK, WARN, SKIP, FAIL = "ok", "warn", "skip", "FAIL"
+
+STAGE_OF_WORKER = {"finetune": "finetune", "evaluate_pruned": "evaluate", "evaluate_finetuned": "evaluate",
+                   "compare": "compare"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the checklist."""
+
+    check: str
+    status: str  # ok | warn | skip | FAIL
+    detail: str
+    fix: str = ""
+
+    def message(self) -> str:
+        return f"{self.detail}; {self.fix}" if self.fix else self.detail
+
+
+def _from_error(check: str, error: UserError) -> Finding:
+    """Split an InputError's one line ("what is wrong; how to fix it") into a checklist row."""
+    detail, _, fix = str(error).partition("; ")
+    return Finding(check, FAIL, detail, fix)
+
+
+@dataclass
+class StudyFacts:
+    """What the checks learn on the way, for the cost estimate (so nothing is read twice)."""
+
+    checkpoints: dict[Pair, tuple[str, Path]] = field(default_factory=dict)  # pair -> (format, location)
+    tokenizers: dict[Pair, Path] = field(default_factory=dict)  # pair -> tokenizer.json that counts its tokens
+    train_examples: list[dict[str, str]] | None = None
+    eval_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    partitions: dict[str, "Partition"] = field(default_factory=dict)
+    default_partition: str = ""
+
+
+# ------------------------------------------------------------------------------------ the checks
+
+
+def model_pairs(plan: Plan) -> list[Pair]:
+    """The pairs whose checkpoint some task of the plan loads."""
+    return sorted({pair for array in plan.arrays if array.worker != "compare" for pair in array.pairs})
+
+
+def workers_of(plan: Plan) -> set[str]:
+    return {array.worker for array in plan.arrays}
+
+
+def check_results_root(config: StudyConfig) -> list[Finding]:
+    root = Path(config.study.results_root)
+    existing = next((parent for parent in (root, *root.parents) if parent.exists()), Path("."))
+    if not os.access(existing, os.W_OK):
+        return [Finding("results root", FAIL, f"results root {root} is not writable ({existing} denies writing)",
+                        "set study.results_root to a folder you can write")]
+    return [Finding("results root", OK, f"{root} is writable")]
+
+
+def check_checkpoints(config: StudyConfig, pairs: list[Pair], facts: StudyFacts) -> list[Finding]:
+    """Every checkpoint exists, is a format PruneTune loads, and a pickle is opted in."""
+    findings, kinds = [], {"hf": [], "pickle": []}
+    paths = StudyPaths(config)
+    for pair in pairs:
+        try:
+            kind, location = find_checkpoint(paths.pruned_model(pair))
+        except InputError as error:
+            findings.append(_from_error("checkpoint", error))
+            continue
+        if kind == "pickle" and not pickle_allowed(config, pair):
+            findings.append(Finding(
+                "checkpoint", FAIL, f"{location} ({pair.label}) is a pickled checkpoint, and loading a pickle runs "
+                "code from it", f"if you trust it, add study.allow_pickle=[{pair.label}] (or list the model)"))
+            continue
+        facts.checkpoints[pair] = (kind, location)
+        kinds[kind].append(pair)
+    if not pairs:
+        return [Finding("checkpoints", SKIP, "no task of this plan loads a checkpoint")]
+    if kinds["hf"] or kinds["pickle"]:
+        opted_in = ", ".join(pair.label for pair in kinds["pickle"])
+        pickles = f", {len(kinds['pickle'])} LLM-Pruner pickle(s) opted in ({opted_in})" if opted_in else ""
+        findings.insert(0, Finding("checkpoints", OK, f"{len(facts.checkpoints)} of {len(pairs)} recognised: "
+                                   f"{len(kinds['hf'])} Hugging Face folder(s){pickles}"))
+    return findings
+
+
+def check_tokenizers(facts: StudyFacts) -> list[Finding]:
+    """Each checkpoint's tokenizer.json loads with the ``tokenizers`` library (no transformers import)."""
+    from tokenizers import Tokenizer
+
+    findings: list[Finding] = []
+    loaded: dict[str, str] = {}  # sha256 of tokenizer.json -> first pair
+    inside_pickle: list[Pair] = []
+    own = 0
+    for pair, (kind, location) in sorted(facts.checkpoints.items()):
+        folder = location.parent if kind == "pickle" else location
+        candidate = folder / "tokenizer.json"
+        if not candidate.is_file():
+            if kind == "pickle":
+                inside_pickle.append(pair)
+            elif any((folder / name).is_file() for name in ("tokenizer.model", "vocab.json", "spiece.model")):
+                findings.append(Finding("tokenizer", WARN, f"{pair.label}: {folder} has slow-tokenizer files but no "
+                                        "tokenizer.json, so it is not checked here (transformers converts it on "
+                                        "the compute node)", "save it with tokenizer.save_pretrained(<folder>) to "
+                                        "check it and count tokens on the login node"))
+            else:
+                findings.append(Finding("tokenizer", FAIL, f"{pair.label}: no tokenizer in {folder} "
+                                        "(tokenizer.json, tokenizer.model)", "save the base model's tokenizer there "
+                                        "with tokenizer.save_pretrained(<folder>)"))
+            continue
+        try:
+            config_file = folder / "tokenizer_config.json"
+            if config_file.is_file():
+                json.loads(config_file.read_text())
+            digest = sha256_of(candidate)
+            if digest not in loaded:  # Instruct variants and best_acc/best_ppl mostly share one file
+                Tokenizer.from_file(str(candidate))
+                loaded[digest] = pair.label
+        except Exception as error:  # tokenizers raises its own Exception type for malformed files
+            findings.append(Finding("tokenizer", FAIL, f"{pair.label}: {folder} does not load "
+                                    f"({str(error).splitlines()[0][:160]})", "save the tokenizer again with "
+                                    "tokenizer.save_pretrained(<folder>)"))
+            continue
+        facts.tokenizers[pair] = candidate
+        own += 1
+    # A pickle carries its tokenizer inside; its tokens are counted with a sibling's of the same model.
+    for pair in inside_pickle:
+        sibling = next((path for other, path in facts.tokenizers.items() if other.model == pair.model), None) or \
+            next((path for other, path in facts.tokenizers.items()
+                  if other.model.removesuffix("-Instruct") == pair.model.removesuffix("-Instruct")), None)
+        if sibling:
+            facts.tokenizers[pair] = sibling
+    if facts.checkpoints:
+        inside = f"; {len(inside_pickle)} inside its pickle, loaded with it on the compute node" \
+            f" ({', '.join(p.label for p in inside_pickle)})" if inside_pickle else ""
+        findings.insert(0, Finding("tokenizers", OK if not any(f.status == FAIL for f in findings) else WARN,
+                                   f"tokenizer.json loads for {own} "
+                                   f"checkpoint(s) ({len(loaded)} distinct){inside}"))
+    return findings
+
+
+def check_training_data(config: StudyConfig, deep: bool, facts: StudyFacts) -> list[Finding]:
+    path = Path(config.data.train_path)
+    if not path.is_file():
+        return [Finding("training data", FAIL, f"training data {path} does not exist",
+                        "set data.train_path to an alpaca-format JSON/JSONL file (instruction, input, output)")]
+    if not deep:
+        return [Finding("training data", OK, f"{path} exists")]
+    from workers.prompts import load_alpaca_examples  # light: json only (transformers only for type hints)
+    try:
+        facts.train_examples = load_alpaca_examples(path)
+    except InputError as error:
+        return [_from_error("training data", error)]
+    with_input = sum(1 for example in facts.train_examples if example["input"])
+    return [Finding("training data", OK, f"{path}: {len(facts.train_examples)} rows with instruction/output "
+                    f"({with_input} with an input)")]
+
+
+def check_eval_data(config: StudyConfig, deep: bool, facts: StudyFacts) -> list[Finding]:
+    """Every evaluation dataset is where ``data.eval_source`` reads it, offline (``jobs/eval_data.py``); deep, and
+    for local files, every row parses with the fields the workers read."""
+    wanted = wanted_datasets(config.evaluate)
+    missing = missing_eval_data(config.data, wanted)
+    if missing:
+        return [Finding("evaluation data", FAIL, f"evaluation data missing offline ({config.data.eval_source}): "
+                        f"{'; '.join(missing)}", "put it there (README: Evaluation data) or set data.eval_source "
+                        "/ data.eval_data_dir / data.hub_mirror_dir")]
+    if not deep or config.data.eval_source != "local_files":
+        how = "" if deep else " (rows not read)"
+        return [Finding("evaluation data", OK, f"{len(wanted)} dataset(s) present offline ({config.data.eval_source})"
+                        f"{how}")]
+    findings = []
+    for name in wanted:
+        dataset = EVAL_DATASETS[name]
+        path = location(config.data, dataset)
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            findings.append(Finding("evaluation data", FAIL, f"{path} does not parse as JSON lines ({error})",
+                                    "write one JSON object per line in the dataset's real schema"))
+            continue
+        bad = next((number for number, row in enumerate(rows, start=1)
+                    if not isinstance(row, dict) or any(key not in row for key in dataset.fields)), None)
+        if not rows or bad:
+            where = f"row {bad} lacks" if bad else "no rows with"
+            findings.append(Finding("evaluation data", FAIL, f"{path}: {where} field(s) of {', '.join(dataset.fields)}",
+                                    f"convert it to the {dataset.description} schema (README: Evaluation data)"))
+            continue
+        facts.eval_rows[name] = rows
+    if not findings:
+        counts = ", ".join(f"{name} {len(facts.eval_rows[name])}" for name in wanted)
+        findings.append(Finding("evaluation data", OK,
+                                f"{len(wanted)} file(s) parse with their fields ({counts} rows)"))
+    return findings
+
+
+def check_batch_and_deepspeed(config: StudyConfig, plan: Plan, kind: str) -> list[Finding]:
+    """The optimizer batch divides over the GPUs; a DeepSpeed config (if any) agrees with them."""
+    if "finetune" not in workers_of(plan):
+        return []
+    tune, resources = config.finetune, config.resources.finetune
+    world = resources.nodes * max(resources.gpus_per_node, 1) if kind == "slurm" else 1
+    findings = []
+    if tune.batch_size % (tune.micro_batch_size * world):
+        findings.append(Finding(
+            "batch", FAIL, f"finetune.batch_size {tune.batch_size} is not a multiple of micro_batch_size x ranks "
+            f"({tune.micro_batch_size} x {world} = {tune.micro_batch_size * world})",
+            "pick a batch size, micro batch or GPU count that divide"))
+    else:
+        accumulation = tune.batch_size // tune.micro_batch_size // world
+        findings.append(Finding("batch", OK, f"{tune.batch_size} sequences per step = {tune.micro_batch_size} micro "
+                                f"batch x {accumulation} accumulation x {world} rank(s)"))
+    path, why = deepspeed_file(config, kind)
+    if path is None:
+        return findings + [Finding("deepspeed", SKIP, why)]
+    try:
+        settings = yaml.safe_load(path.read_text())  # YAML, or JSON (a subset of it)
+    except OSError:
+        return findings + [Finding("deepspeed", FAIL, f"DeepSpeed config {path} cannot be read",
+                                   "set finetune.deepspeed to a name in configs/deepspeed/ or a readable file")]
+    except yaml.YAMLError as error:
+        return findings + [Finding("deepspeed", FAIL, f"{path}: malformed YAML/JSON ({str(error).splitlines()[0]})",
+                                   "fix the syntax there")]
+    problems = deepspeed_problems(settings if isinstance(settings, dict) else {}, config, world)
+    if problems:
+        return findings + [Finding("deepspeed", FAIL, f"{path}: {problem}", fix) for problem, fix in problems]
+    stage = (settings.get("zero_optimization") or {}).get("stage", 0)
+    return findings + [Finding("deepspeed", OK, f"{_shown(path)} ({why}): ZeRO stage {stage}, consistent with "
+                               f"{world} rank(s) and the finetune batch")]
+
+
+def deepspeed_file(config: StudyConfig, kind: str) -> tuple[Path | None, str]:
+    """The DeepSpeed config the finetune will use, or None and why there is none.
+
+    ``finetune.deepspeed`` names a file of ``configs/deepspeed/`` (``zero2``) or ``none``; ``auto`` is zero2
+    on GPUs or with several ranks, as ``workers/distributed.py`` decides on the node. A local run is one
+    process, on a GPU when this machine has one.
+    """
+    value = getattr(config.finetune, "deepspeed", None)
+    resources = config.resources.finetune
+    if value is None:
+        return None, "this version has no finetune.deepspeed setting"
+    value = str(value).strip()
+    if value.lower() in ("", "none", "off", "false", "no"):
+        return None, "finetune.deepspeed is off: plain data parallel"
+    if value == "auto":
+        if kind == "slurm":
+            on_gpu, ranks = resources.gpus_per_node > 0, resources.nodes * max(resources.gpus_per_node, 1)
+        else:
+            on_gpu, ranks = shutil.which("nvidia-smi") is not None, 1
+        if not on_gpu and ranks == 1:
+            return None, "finetune.deepspeed=auto, one CPU process: no DeepSpeed"
+        value, why = "zero2", "finetune.deepspeed=auto"
+    else:
+        why = f"finetune.deepspeed={value}"
+    path = Path(value)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        path = REPO_ROOT / "configs" / "deepspeed" / f"{value}.yaml"
+    elif not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    return path, why
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def deepspeed_problems(settings: dict[str, Any], config: StudyConfig, world: int | None = None
+                       ) -> list[tuple[str, str]]:
+    """(problem, fix) for every way a DeepSpeed config disagrees with the study; "auto" always agrees.
+
+    ``world``: the finetune's ranks (default: nodes x GPUs per node, as on SLURM).
+    """
+    tune, resources = config.finetune, config.resources.finetune
+    problems = []
+    world = world or resources.nodes * max(resources.gpus_per_node, 1)
+    accumulation = max(1, tune.batch_size // tune.micro_batch_size // world)
+    expected = {"train_micro_batch_size_per_gpu": tune.micro_batch_size, "gradient_accumulation_steps": accumulation,
+                "train_batch_size": tune.micro_batch_size * accumulation * world}
+    for key, value in expected.items():
+        given = settings.get(key, "auto")
+        if given != "auto" and given != value:
+            problems.append((f"{key} is {given}, but the study runs {value} ({tune.micro_batch_size} micro batch x "
+                             f"{accumulation} accumulation x {world} rank(s))", f'set {key} to "auto" in that file'))
+    stage = (settings.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append((f"zero_optimization.stage {stage!r} is not 0-3", "use stage 2 (or 3 for models that do "
+                                                                         "not fit one GPU)"))
+    for precision, key in (("fp16", "fp16"), ("bf16", "bf16")):
+        enabled = (settings.get(key) or {}).get("enabled", "auto")
+        if enabled is True and tune.precision not in (precision, "auto"):
+            problems.append((f"{key}.enabled is true, but finetune.precision is {tune.precision}",
+                             f'set {key}.enabled to "auto" (or finetune.precision={precision})'))
+    return problems
+
+
+# ------------------------------------------------------------------------------------ SLURM
+
+
+@dataclass
+class Partition:
+    name: str
+    up: bool = False
+    time_limit_min: float = 0.0  # inf for INFINITE
+    nodes: int = 0
+    gpus_per_node: int = 0
+    gpu_types: set[str] = field(default_factory=set)
+    cpus_per_node: int = 0
+    mem_mb: int = 0
+
+
+def parse_time_limit(text: str) -> float:
+    """SLURM's ``[days-]hours:minutes:seconds`` (or ``minutes``, ``infinite``) in minutes."""
+    text = text.strip().lower()
+    if text in ("infinite", "unlimited", "n/a", ""):
+        return float("inf")
+    days, _, clock = text.rpartition("-")
+    parts = [int(part) for part in clock.split(":")]
+    if len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, parts[0], parts[1]
+    else:
+        hours, minutes, seconds = parts[-3:]
+    return (int(days or 0) * 24 + hours) * 60 + minutes + seconds / 60
+
+
+def format_minutes(minutes: float) -> str:
+    if minutes == float("inf"):
+        return "infinite"
+    minutes = int(round(minutes))
+    days, rest = divmod(minutes, 24 * 60)
+    return (f"{days}-" if days else "") + f"{rest // 60}:{rest % 60:02d}:00"
+
+
+def parse_gres(text: str) -> tuple[int, set[str]]:
+    """GPUs per node and their types from sinfo's %G, e.g. ``gpu:a100:4(S:0-1),gpu:v100:2`` -> (4, {a100, v100})."""
+    count, types = 0, set()
+    for item in text.split(","):
+        match = re.match(r"gpu(?::([A-Za-z][\w.-]*))?:(\d+)", item.strip())
+        if match:
+            count = max(count, int(match.group(2)))
+            if match.group(1):
+                types.add(match.group(1).lower())
+    return count, types
+
+
+def parse_sinfo(text: str) -> tuple[dict[str, Partition], str]:
+    """``sinfo -h -o %P|%a|%l|%D|%G|%c|%m`` -> ({partition: facts}, default partition)."""
+    partitions: dict[str, Partition] = {}
+    default = ""
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) < 7:
+            continue
+        name, available, limit, nodes, gres, cpus, memory = fields[:7]
+        if name.endswith("*"):
+            name = name[:-1]
+            default = name
+        partition = partitions.setdefault(name, Partition(name))
+        partition.up |= available.strip() == "up"
+        partition.time_limit_min = max(partition.time_limit_min, parse_time_limit(limit))
+        partition.nodes += int(re.sub(r"\D", "", nodes) or 0)
+        gpus, types = parse_gres(gres)
+        partition.gpus_per_node = max(partition.gpus_per_node, gpus)
+        partition.gpu_types |= types
+        partition.cpus_per_node = max(partition.cpus_per_node, int(re.sub(r"\D", "", cpus) or 0))
+        partition.mem_mb = max(partition.mem_mb, int(re.sub(r"\D", "", memory) or 0))
+    return partitions, default
+
+
+def _slurm_command(command: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def check_slurm(config: StudyConfig, plan: Plan, facts: StudyFacts) -> list[Finding]:
+    """sinfo answers; each stage's partition exists, is up and has the GPUs, CPUs, memory and time asked for;
+    ``sbatch --test-only`` accepts the request (which also checks account and qos)."""
+    try:
+        result = _slurm_command(["sinfo", "-h", "-o", "%P|%a|%l|%D|%G|%c|%m"])
+    except FileNotFoundError:
+        return [Finding("slurm", FAIL, "sinfo not found: SLURM is not reachable from this machine",
+                        "run on the cluster's login node, or pass --executor local")]
+    except subprocess.TimeoutExpired:
+        return [Finding("slurm", FAIL, "sinfo did not answer in 30 s", "is slurmctld up? try `sinfo` yourself")]
+    if result.returncode:
+        return [Finding("slurm", FAIL, f"sinfo failed: {(result.stderr or result.stdout).strip()[:200]}",
+                        "check SLURM_CONF and that slurmctld is up (`scontrol ping`)")]
+    facts.partitions, facts.default_partition = parse_sinfo(result.stdout)
+    findings = [Finding("slurm", OK, f"sinfo answers: partitions {', '.join(facts.partitions) or 'none'} "
+                        f"(default {facts.default_partition or 'none'})")]
+    first_array = {STAGE_OF_WORKER[array.worker]: array for array in reversed(plan.arrays)}
+    for stage in ("finetune", "evaluate", "compare"):
+        if stage in first_array:
+            findings += _stage_fits_partition(config, stage, first_array[stage], facts)
+    return findings
+
+
+def _stage_fits_partition(config: StudyConfig, stage: str, array: TaskArray, facts: StudyFacts) -> list[Finding]:
+    resources: StageResources = getattr(config.resources, stage)
+    key = f"resources.{stage}"
+    name = resources.partition or facts.default_partition
+    if not name:
+        return [Finding("partition", FAIL, f"{stage}: no partition set and the cluster has no default",
+                        f"set {key}.partition to one of {', '.join(facts.partitions)}")]
+    partition = facts.partitions.get(name)
+    if partition is None:
+        return [Finding("partition", FAIL, f"{stage}: partition {name!r} does not exist"
+                        f"{did_you_mean(name, facts.partitions)}",
+                        f"set {key}.partition to one of {', '.join(facts.partitions)}")]
+    problems = []
+    if resources.time_min > partition.time_limit_min:
+        problems.append((f"time_min {resources.time_min} ({format_minutes(resources.time_min)}) exceeds the "
+                         f"partition's limit {format_minutes(partition.time_limit_min)}",
+                         f"lower {key}.time_min to <= {int(partition.time_limit_min)} or pick another partition"))
+    if resources.gpus_per_node > partition.gpus_per_node:
+        problems.append((f"gpus_per_node {resources.gpus_per_node} but its nodes have {partition.gpus_per_node} GPU(s)",
+                         f"lower {key}.gpus_per_node or pick a GPU partition"))
+    if resources.nodes > partition.nodes:
+        problems.append((f"nodes {resources.nodes} but it has {partition.nodes}", f"lower {key}.nodes"))
+    if partition.cpus_per_node and resources.cpus_per_task > partition.cpus_per_node:
+        problems.append((f"cpus_per_task {resources.cpus_per_task} but its nodes have {partition.cpus_per_node}",
+                         f"lower {key}.cpus_per_task"))
+    if partition.mem_mb and resources.mem_gb * 1024 > partition.mem_mb:
+        problems.append((f"mem_gb {resources.mem_gb} but its nodes have {partition.mem_mb // 1024} GB",
+                         f"lower {key}.mem_gb"))
+    if problems:
+        return [Finding("partition", FAIL, f"{stage} on {name}: {problem}", fix) for problem, fix in problems]
+    findings = []
+    if not partition.up:
+        findings.append(Finding("partition", WARN, f"{stage}: partition {name} is not up; jobs wait until it is",
+                                "pick another partition or ask the admins"))
+    test = sbatch_test_only(config, array)
+    if test:
+        findings.append(Finding("partition", FAIL, f"{stage}: sbatch --test-only rejects the request ({test})",
+                                f"fix {key} (account, qos, partition) to what your association allows "
+                                "(`sacctmgr show assoc user=$USER`)"))
+    else:
+        gpus = f", {resources.gpus_per_node} of {partition.gpus_per_node} GPU(s)" if resources.gpus_per_node else ""
+        findings.append(Finding("partition", OK, f"{stage} fits {name}: time {format_minutes(resources.time_min)} "
+                                f"of {format_minutes(partition.time_limit_min)}{gpus}; sbatch --test-only accepts it"))
+    return findings
+
+
+def sbatch_test_only(config: StudyConfig, array: TaskArray) -> str:
+    """'' when ``sbatch --test-only`` accepts the array's script, else sbatch's reason.
+
+    The script is the one a submission would send (``jobs.slurm`` renders it, without dependencies), so
+    partition, account, qos, GPUs, time and the template's lines are tested as they will be submitted.
+    """
+    from jobs import slurm
+
+    try:
+        script = slurm.render_sbatch(slurm.make_executor(config, array, ""), array.size)
+    except UserError as error:
+        return str(error)
+    try:
+        result = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as error:
+        return f"sbatch --test-only: {type(error).__name__}"
+    if result.returncode:
+        return ((result.stderr or result.stdout).strip().splitlines() or ["no output"])[-1][:200]
+    return ""
+
+
+# ------------------------------------------------------------------------------------ running them
+
+
+def collect_findings(config: StudyConfig, plan: Plan, kind: str, deep: bool, with_slurm: bool,
+                     facts: StudyFacts | None = None) -> list[Finding]:
+    facts = facts if facts is not None else StudyFacts()
+    workers = workers_of(plan)
+    findings = check_results_root(config)
+    findings += check_checkpoints(config, model_pairs(plan), facts)
+    if deep and facts.checkpoints:
+        findings += check_tokenizers(facts)
+    if "finetune" in workers:
+        findings += check_training_data(config, deep, facts)
+    if workers & {"evaluate_pruned", "evaluate_finetuned"}:
+        findings += check_eval_data(config, deep, facts)
+    findings += check_batch_and_deepspeed(config, plan, kind)
+    if kind == "slurm" and with_slurm and plan.arrays:
+        findings += check_slurm(config, plan, facts)
+    elif kind != "slurm":
+        findings.append(Finding("slurm", SKIP, "local executor: tasks run on this machine"))
+    return findings
+
+
+def require_ready(config: StudyConfig, plan: Plan, kind: str, dry_run: bool) -> None:
+    """The quick checks every submission runs; the first failure is one InputError line (exit code 2)."""
+    findings = collect_findings(config, plan, kind, deep=False, with_slurm=not dry_run)
+    failures = [finding for finding in findings if finding.status == FAIL]
+    if failures:
+        more = f" (and {len(failures) - 1} more problem(s): see `python launch.py check`)" if len(failures) > 1 else ""
+        raise InputError(failures[0].message() + more)
+
+
+def render_checklist(findings: Iterable[Finding]) -> str:
+    findings = list(findings)
+    width = max(len(finding.check) for finding in findings)
+    lines = [f"  {'status':<6}  {'check':<{width}}  detail"]
+    for finding in findings:
+        lines.append(f"  {finding.status:<6}  {finding.check:<{width}}  {finding.detail}")
+        if finding.fix and finding.status in (FAIL, WARN):
+            lines.append(f"  {'':<6}  {'':<{width}}  fix: {finding.fix}")
+    return "\n".join(lines)
+
+
+def check_study(config: StudyConfig, pairs: list[Pair], stage: str, executor: str) -> int:
+    """``launch.py check``: the checklist and the cost estimate; exit code 2 when any check fails."""
+    from jobs.cost import estimate, render_estimate
+
+    kind = resolve_kind(executor)
+    plan = build_plan(config, pairs, stage)
+    facts = StudyFacts()
+    findings = collect_findings(config, plan, kind, deep=True, with_slurm=True, facts=facts)
+    estimates = estimate(config, plan, kind, facts) if plan.arrays else None
+    if estimates:
+        findings += estimates.findings
+    print(f"check: {len(pairs)} pair(s), stage {stage}, {kind} executor, results in {config.study.results_root}"
+          f"{', config ' + config.source if config.source else ''}")
+    if not plan.arrays:
+        print("  nothing to run: every selected pair is complete")
+    print(render_checklist(findings))
+    if estimates:
+        print("\n" + render_estimate(estimates))
+    counts = {status: sum(1 for finding in findings if finding.status == status) for status in (OK, WARN, SKIP, FAIL)}
+    tally = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+    if counts[FAIL]:
+        print(f"\n{tally}: fix the FAIL rows, then run `python launch.py check` again", flush=True)
+        return 2
+    print(f"\n{tally}: ready to submit", flush=True)
+    return 0
+
