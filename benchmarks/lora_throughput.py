@@ -50,8 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from workers.packing import (IGNORE_INDEX, PackingCollator, micro_batches_for_budget, plan_steps,  # noqa: E402
-                             prepare_model_for_packing)
+from workers.packed_model import prepare_model_for_packing  # noqa: E402
+from workers.packing import IGNORE_INDEX, PackingCollator, micro_batches_for_budget, plan_steps  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16, the MFU denominator
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,7 +179,7 @@ def targets(labels: list[int]) -> int:
 
 def run_variant(name: str, budget: int | None, model, config, examples, steps: int, warmup: int, rank: int,
                 world: int, device: torch.device, dtype: torch.dtype, seed: int, profile: str | None = None) -> Result:
-    from workers.packing import causal_lm
+    from workers.packed_model import causal_lm
 
     on_gpu = device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from jobs import check as check_module
-from jobs import cost
-from jobs.check import (FAIL, OK, Partition, StudyFacts, _stage_fits_partition, deepspeed_problems, parse_gres,
-                        parse_sinfo, parse_time_limit)
+from jobs import check_slurm
+from jobs import cost, throughput_figures
+from jobs.check import deepspeed_problems
+from jobs.check_findings import FAIL, OK, StudyFacts
+from jobs.check_slurm import Partition, _stage_fits_partition, parse_gres, parse_sinfo, parse_time_limit
 from jobs.config import load_config
 from jobs.plan import build_plan
 from jobs.study import Pair, select_pairs
@@ -156,7 +158,7 @@ def test_sinfo_parsing():
 
 
 def test_partition_limits_each_fail_with_a_fix(monkeypatch):
-    monkeypatch.setattr(check_module, "sbatch_test_only", lambda config, array: "")
+    monkeypatch.setattr(check_slurm, "sbatch_test_only", lambda config, array: "")
     facts = StudyFacts(partitions={"gpu": Partition("gpu", True, 480, 2, 4, {"h100"}, 32, 256000)},
                        default_partition="gpu")
     config = load_config(None, ["resources.finetune.time_min=720", "resources.finetune.gpus_per_node=8",
@@ -206,20 +208,20 @@ RESULTS = """# Measured results
 
 
 def test_results_parser_finds_stage_gpu_size_and_per_gpu_throughput():
-    figures = cost.parse_results(RESULTS)
+    figures = throughput_figures.parse_results(RESULTS)
     assert [(f.stage, f.gpu, f.params_b, f.tokens_per_s) for f in figures] == [
         ("finetune", "h100", 6.72, 4500.0), ("finetune", "h100", 6.72, 15000.0),
         ("evaluate", "a100", 0.5, 40000.0), ("evaluate", "a100", 8.0, 20000.0)]
-    slowest = cost.pick_figure(figures, "finetune", "h100", 7.0)
+    slowest = throughput_figures.pick_figure(figures, "finetune", "h100", 7.0)
     assert slowest.tokens_per_s == 4500 and "line 9" in slowest.cite()
-    assert cost.pick_figure(figures, "evaluate", "a100", 7.0).params_b == 8.0  # the nearest size
-    assert cost.pick_figure(figures, "finetune", "a100", 7.0) is None  # no figure for that GPU: none applies
-    assert cost.parse_results("# nothing measured yet\n") == []
+    assert throughput_figures.pick_figure(figures, "evaluate", "a100", 7.0).params_b == 8.0  # the nearest size
+    assert throughput_figures.pick_figure(figures, "finetune", "a100", 7.0) is None  # no figure for that GPU: none applies
+    assert throughput_figures.parse_results("# nothing measured yet\n") == []
 
 
 def test_the_repositorys_own_results_file_parses():
     text = (REPO / "benchmarks" / "RESULTS.md").read_text()
-    figures = cost.parse_results(text)
+    figures = throughput_figures.parse_results(text)
     if "tok/s" in text:
         assert figures and all(figure.tokens_per_s > 0 and figure.stage for figure in figures)
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from jobs.config import MODEL_NAMES, PRUNING_CONFIG_NAMES, ZERO_SHOT_TASKS, load_config

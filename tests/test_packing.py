@@ -15,9 +15,9 @@ from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
 
 from jobs.config import LORA_TARGETS
 from tests.tiny_assets import build_tiny_tokenizer
-from workers.packing import (IGNORE_INDEX, PackedStepSampler, PackingCollator, balance_by_tokens, causal_lm,
-                             group_in_order, linear_cross_entropy, micro_batches_for_budget, plan_steps,
-                             prepare_model_for_packing)
+from workers.packed_model import causal_lm, linear_cross_entropy, prepare_model_for_packing
+from workers.packing import (IGNORE_INDEX, PackedStepSampler, PackingCollator, balance_by_tokens, group_in_order,
+                             micro_batches_for_budget, plan_steps)
 from workers.prompts import tokenize_example
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -216,7 +216,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.mark.gpu
 @needs_gpu
 def test_flash_varlen_matches_block_mask_reference():
-    from workers.packing import _block_causal_sdpa, _flash_varlen
+    from workers.packed_model import _block_causal_sdpa, _flash_varlen
     torch.manual_seed(0)
     cu = torch.tensor([0, 5, 130, 131, 300], dtype=torch.int32, device="cuda")
     q = torch.randn(300, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
