@@ -235,12 +235,9 @@ def deepspeed_file(config: StudyConfig, kind: str) -> tuple[Path | None, str]:
     on GPUs or with several ranks, as ``workers/distributed.py`` decides on the node. A local run is one
     process, on a GPU when this machine has one.
     """
-    value = getattr(config.finetune, "deepspeed", None)
+    value = config.finetune.deepspeed  # validated by jobs/config.py: auto, none or a name in configs/deepspeed/
     resources = config.resources.finetune
-    if value is None:
-        return None, "this version has no finetune.deepspeed setting"
-    value = str(value).strip()
-    if value.lower() in ("", "none", "off", "false", "no"):
+    if value == "none":
         return None, "finetune.deepspeed is off: plain data parallel"
     if value == "auto":
         if kind == "slurm":
@@ -252,12 +249,7 @@ def deepspeed_file(config: StudyConfig, kind: str) -> tuple[Path | None, str]:
         value, why = "zero2", "finetune.deepspeed=auto"
     else:
         why = f"finetune.deepspeed={value}"
-    path = Path(value)
-    if path.suffix not in (".yaml", ".yml", ".json"):
-        path = REPO_ROOT / "configs" / "deepspeed" / f"{value}.yaml"
-    elif not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    return path, why
+    return REPO_ROOT / "configs" / "deepspeed" / f"{value}.yaml", why
 
 
 def _shown(path: Path) -> str:

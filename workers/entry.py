@@ -39,7 +39,9 @@ def run_task(spec: TaskSpec) -> str:
     """Run one task; raises on failure so the executor records it as failed."""
     prepare_task_environment()
     started = time.monotonic()
-    log.info("start %s (pid %d, host %s)", spec.label, os.getpid(), os.uname().nodename)
+    # Every rank of a multi-GPU finetune runs this; one start/done line per task is enough.
+    level = logging.INFO if os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")) == "0" else logging.DEBUG
+    log.log(level, "start %s (pid %d, host %s)", spec.label, os.getpid(), os.uname().nodename)
     if spec.worker == "finetune":
         from workers import finetune
         finetune.run(spec.config, spec.pair)
@@ -55,5 +57,5 @@ def run_task(spec: TaskSpec) -> str:
     else:
         raise ValueError(f"unknown worker {spec.worker!r}")
     elapsed = time.monotonic() - started
-    log.info("done %s in %.1fs", spec.label, elapsed)
+    log.log(level, "done %s in %.1fs", spec.label, elapsed)
     return f"{spec.label} ok in {elapsed:.1f}s"
