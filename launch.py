@@ -25,76 +25,72 @@ from jobs.errors import UserError
 from jobs.plan import STAGES
 
 
-def study_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--batch-all", action="store_true", help="every (model, config) pair of the study")
+def new_parser(prog: str, description: str, config_default: str = "configs/study.yaml",
+               config_help: str = "study config (default: %(default)s)",
+               overrides_help: str = "dotted config overrides", **kwargs) -> argparse.ArgumentParser:
+    """A command's parser with what every command takes: overrides, --config-file and --debug."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    parser.add_argument("--config-file", default=config_default, help=config_help)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def add_pair_selection(parser: argparse.ArgumentParser, required: bool, batch_help: str, stage_help: str) -> None:
+    which = parser.add_mutually_exclusive_group(required=required)
+    which.add_argument("--batch-all", action="store_true", help=batch_help)
     which.add_argument("--model", help="one model, e.g. Llama or Qwen-Instruct (needs --config)")
     parser.add_argument("--config", dest="pruning_config", help="the pruning config of that model: best_acc or best_ppl")
-    parser.add_argument("--stage", choices=STAGES, default="all", help="what to run (default: all)")
-    add_common(parser)
+    parser.add_argument("--stage", choices=STAGES, default="all", help=stage_help)
+    parser.add_argument("--executor", choices=("auto", "local", "slurm"), default=None,
+                        help="auto (default): SLURM where sbatch is on PATH, else this machine")
+
+
+def study_parser() -> argparse.ArgumentParser:
+    parser = new_parser("launch.py", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pair_selection(parser, True, "every (model, config) pair of the study", "what to run (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; run and submit nothing")
     return parser
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launch.py demo", description="Generate tiny stand-in models and data, then run the whole 12-pair "
-        "study on them with the local executor. Re-running skips what is complete.")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    parser.add_argument("--config-file", default="configs/demo.yaml", help="default: %(default)s")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    return parser
+    return new_parser("launch.py demo", "Generate tiny stand-in models and data, then run the whole 12-pair "
+                      "study on them with the local executor. Re-running skips what is complete.",
+                      config_default="configs/demo.yaml", config_help="default: %(default)s")
 
 
 def select_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launch.py select", description="Step 1: read a pruning search (CSV, JSON lines, or a folder of "
+    parser = new_parser(
+        "launch.py select", "Step 1: read a pruning search (CSV, JSON lines, or a folder of "
         "per-candidate JSON files; columns model, candidate, acc, ppl, optional path, params, metrics_source), "
         "pick best_acc (highest acc) and best_ppl (lowest ppl) of each model, and materialise them in "
         "<results_root>/for_finetuning/<Model>/<config>/ with selection_info.json, plus for_finetuning/SUMMARY.md. "
         "Bad input writes nothing.")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.add_argument("--search", required=True, help="the search results: a .csv, .jsonl file or a folder of .json")
     parser.add_argument("--mode", choices=("symlink", "copy"), default="symlink",
                         help="link each checkpoint file (default) or copy it (says how many GB first)")
     parser.add_argument("--dry-run", action="store_true", help="print the selection; write nothing")
-    parser.add_argument("--config-file", default="configs/study.yaml", help="study config (default: %(default)s)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
 
 def report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launch.py report", description="Write the study report again from the results tree, on this machine "
+    return new_parser(
+        "launch.py report", "Write the study report again from the results tree, on this machine "
         "(no SLURM, no GPU, no torch): every pair's comparison_report.txt and comparison.json, SUMMARY.md, "
         "summary.csv and REPORT.md with its plots in <results_root>/report_plots/. Pairs without both evaluations "
-        "are listed as missing.")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. study.reference_results=unpruned.json")
-    parser.add_argument("--config-file", default="configs/study.yaml", help="study config (default: %(default)s)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    return parser
+        "are listed as missing.", overrides_help="dotted config overrides, e.g. study.reference_results=unpruned.json")
 
 
 def check_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launch.py check", description="Step 2: validate the study on this (login) node without loading "
+    parser = new_parser(
+        "launch.py check", "Step 2: validate the study on this (login) node without loading "
         "weights: checkpoints and their format, tokenizers, training and evaluation data, batch and DeepSpeed "
         "arithmetic, and with SLURM the partition's GPUs, CPUs, memory and time limit (sinfo, sbatch --test-only). "
         "Prints a checklist with the fix for each failure and the study's cost estimate (tokens, GPU-hours, "
         "time per task against the time limit). Exit code 2 when a check fails. Every submission runs the quick "
         "part of these checks by itself.")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--batch-all", action="store_true", help="every pair of the study (the default)")
-    which.add_argument("--model", help="one model, e.g. Llama or Qwen-Instruct (needs --config)")
-    parser.add_argument("--config", dest="pruning_config", help="the pruning config of that model")
-    parser.add_argument("--stage", choices=STAGES, default="all", help="what the submission would run (default: all)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    parser.add_argument("--config-file", default="configs/study.yaml", help="study config (default: %(default)s)")
-    parser.add_argument("--executor", choices=("auto", "local", "slurm"), default=None,
-                        help="auto (default): SLURM where sbatch is on PATH, else this machine")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    add_pair_selection(parser, False, "every pair of the study (the default)",
+                       "what the submission would run (default: all)")
     return parser
 
 
@@ -107,11 +103,8 @@ def monitor_parser(command: str) -> argparse.ArgumentParser:
                     "evaluations and a new compare job. Complete pairs are never rerun.",
         "cancel": "Cancel the queued and running tasks of the study (or only those of --indices).",
     }
-    parser = argparse.ArgumentParser(prog=f"launch.py {command}", description=descriptions[command])
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides; study.results_root=<root> picks the study")
-    parser.add_argument("--config-file", default="configs/study.yaml", help="where the results root comes from")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser = new_parser(f"launch.py {command}", descriptions[command], config_help="where the results root comes from",
+                        overrides_help="dotted config overrides; study.results_root=<root> picks the study")
     if command == "status":
         parser.add_argument("--watch", action="store_true", help="poll until nothing is queued or running "
                             "(every 30 s at most, backing off to 5 min)")
@@ -131,15 +124,6 @@ def parse_indices(text: str) -> list[int]:
         return expand_ranges(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected indices like 3,7 or 0-5") from None
-
-
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    parser.add_argument("--config-file", default="configs/study.yaml", help="study config (default: %(default)s)")
-    parser.add_argument("--executor", choices=("auto", "local", "slurm"), default=None,
-                        help="auto (default): SLURM where sbatch is on PATH, else this machine")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan; run and submit nothing")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
 # Subcommands (the first argument); anything else is a study submission. The README's command reference is
