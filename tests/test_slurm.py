@@ -166,3 +166,18 @@ def test_failures_are_resubmitted_by_index(cluster, tmp_path):
 def test_resubmit_without_manifest_is_a_clear_error(cluster, tmp_path):
     result = launch("resubmit", f"study.results_root={tmp_path}")
     assert result.returncode == 2 and "no manifest" in result.stderr
+
+
+def test_cancel_stops_the_study_and_status_says_so(cluster, tmp_path):
+    root = tmp_path / "study"
+    _, args = make_study(root)
+    args = [arg if arg != "study.models=[Llama, Qwen]" else "study.models=[Qwen]" for arg in args]
+    submitted = launch("--batch-all", "--stage", "all", *args)
+    assert submitted.returncode == 0, submitted.stderr
+    cancelled = launch("cancel", *args)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert re.search(r"cancelled [1-9]\d* task\(s\)", cancelled.stdout), cancelled.stdout
+    rows = wait_for_study(root, timeout=120)
+    assert not any(row.active for row in rows)
+    assert {row.state for row in rows if row.stage == "finetune"} <= {"CANCELLED", "COMPLETED"}
+    assert any(row.state == "CANCELLED" for row in rows)
