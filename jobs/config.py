@@ -87,6 +87,10 @@ class FinetuneSettings:
     precision: str = "auto"  # auto: bf16 where the GPU has it, else fp32; or bf16, fp16, fp32
     max_steps: int = -1  # > 0 caps the optimizer steps (smoke runs); -1 runs num_epochs
     group_by_length: bool = False  # batch examples of similar length together
+    # Padding-free packed micro-batches (workers/packed_trainer.py): same examples, loss and 64 sequences per
+    # step, laid out as rows of up to packing_max_tokens real tokens. auto: on GPUs; off on CPU (the demo).
+    packing: str = "auto"
+    packing_max_tokens: int = 8192  # per micro-batch row; 8,192 fits an 8B-class model on an 80 GB card
     # DeepSpeed ZeRO config from configs/deepspeed/ (zero2, zero3, zero3_offload) or none. auto: zero2 on GPUs or
     # with several ranks, none for one CPU process (nothing to shard; DeepSpeed would only slow the demo's start).
     deepspeed: str = "auto"
@@ -161,6 +165,7 @@ CHOICES = {
     "finetune.precision": ("auto", "bf16", "fp16", "fp32"),
     "evaluate.precision": ("auto", "bf16", "fp16", "fp32"),
     "finetune.prompt_template": ("alpaca",),
+    "finetune.packing": ("auto", "on", "off"),
     "data.eval_source": ("local_files", "hub_mirror", "hf_cache"),
     "finetune.deepspeed": DEEPSPEED_CHOICES,
 }
@@ -289,7 +294,9 @@ def _convert(value: Any, hint: Any, dotted: str, problems: list[str]) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint is str and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads on/off/yes/no as booleans; switches are spelled on/off
+    if hint is str and isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
@@ -308,7 +315,8 @@ def _check_semantics(config: StudyConfig) -> list[str]:
             if value not in valid:
                 problems.append(f"{dotted}: unknown name {value!r}{did_you_mean(value, valid)} (valid: {', '.join(valid)})")
     tune = config.finetune
-    for dotted in ("finetune.cutoff_len", "finetune.lora_r", "finetune.batch_size", "finetune.micro_batch_size",
+    for dotted in ("finetune.cutoff_len", "finetune.lora_r", "finetune.packing_max_tokens", "finetune.batch_size",
+                   "finetune.micro_batch_size",
                    "finetune.logging_steps", "finetune.eval_steps", "evaluate.ppl_seq_len", "evaluate.ppl_batch_size",
                    "evaluate.batch_size", "executor.array_parallelism", "executor.local_workers"):
         if _get(config, dotted) < 1:

@@ -48,6 +48,7 @@ from jobs.state import atomic_write_json, atomic_write_text, clear_done, is_done
 from jobs.study import Pair, StudyPaths, pickle_allowed
 from workers import distributed
 from workers.modelio import load_pruned_model, resolve_dtype
+from workers.packed_trainer import PackedTrainer, prepare_packing
 from workers.prompts import load_alpaca_examples, tokenize_example
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,22 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     # 64 sequences per optimizer step = 4 per micro-batch x 16 accumulation steps x 1 rank (the defaults).
     accumulation = max(1, tune.batch_size // tune.micro_batch_size // world_size)
     total_steps = optimizer_steps(len(train_set), tune, accumulation, world_size)
+    packing = None
+    if tune.packing == "on" or (tune.packing == "auto" and on_gpu):
+        # Same 64 sequences per step, laid out as padding-free rows: accumulation = packed rows per rank.
+        packing = prepare_packing(model, train_set, val_set, tokenizer.pad_token_id, tune, world_size,
+                                  compile_layers=on_gpu)
+        accumulation = packing.micro_batches
+        total_steps = tune.max_steps if tune.max_steps > 0 else math.ceil(tune.num_epochs * packing.steps_per_epoch)
     warmup = min(tune.warmup_steps, total_steps // 10)  # only bites when the run is < 10 x warmup steps
     log.info("%s: %d train / %d val examples, LoRA on %s (%d of %d parameters trainable), %d optimizer steps "
              "of %d sequences (%d x %d accumulation x %d ranks), warmup %d, %s on %s, DeepSpeed %s",
              pair.label, len(train_set), len(val_set), ",".join(targets), trainable, total, total_steps,
              tune.micro_batch_size * accumulation * world_size, tune.micro_batch_size, accumulation, world_size,
              warmup, str(dtype).removeprefix("torch."), "GPU" if on_gpu else "CPU", run_info.deepspeed or "off")
+    if packing:
+        log.info("%s: packed micro-batches of up to %d tokens, %d per rank and step (%d steps per epoch)",
+                 pair.label, tune.packing_max_tokens, packing.micro_batches, packing.steps_per_epoch)
 
     deepspeed_config = None
     if run_info.deepspeed:
@@ -126,7 +137,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         deepspeed_config = distributed.resolve_deepspeed_config(
             distributed.load_deepspeed_config(run_info.deepspeed),
             distributed.auto_values(
-                micro_batch_size=tune.micro_batch_size, accumulation=accumulation, world_size=world_size,
+                micro_batch_size=1 if packing else tune.micro_batch_size, accumulation=accumulation, world_size=world_size,
                 learning_rate=tune.learning_rate, dtype=dtype, hidden_size=model.get_input_embeddings().embedding_dim,
                 warmup_steps=warmup, total_steps=total_steps, max_grad_norm=defaults.max_grad_norm,
                 betas=(defaults.adam_beta1, defaults.adam_beta2), eps=defaults.adam_epsilon,
@@ -136,8 +147,8 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     scratch = out_dir / SCRATCH
     args = TrainingArguments(
         output_dir=str(scratch),
-        per_device_train_batch_size=tune.micro_batch_size,
-        per_device_eval_batch_size=tune.micro_batch_size,
+        per_device_train_batch_size=1 if packing else tune.micro_batch_size,  # packed: one row per micro-batch
+        per_device_eval_batch_size=1 if packing else tune.micro_batch_size,
         gradient_accumulation_steps=accumulation,
         num_train_epochs=tune.num_epochs,
         max_steps=tune.max_steps if tune.max_steps > 0 else -1,
@@ -162,7 +173,8 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         disable_tqdm=True,  # progress goes to our log, one line per logging step
     )
     progress = LogLines(pair.label, out_dir / "progress.json" if rank == 0 else None)
-    trainer = Trainer(
+    trainer_class, extra = (Trainer, {}) if packing is None else (PackedTrainer, {"packing": packing})
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -170,6 +182,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
         callbacks=[progress],
+        **extra,
     )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(); LogLines logs instead
 
@@ -217,7 +230,9 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         "derived": {
             "world_size": world_size,
             "gradient_accumulation_steps": accumulation,
-            "sequences_per_optimizer_step": tune.micro_batch_size * accumulation * world_size,
+            "sequences_per_optimizer_step": tune.batch_size if packing else
+            tune.micro_batch_size * accumulation * world_size,
+            "packed_rows_per_rank_and_step": packing.micro_batches if packing else None,
             "warmup_steps_used": warmup,
             "total_optimizer_steps": total_steps,
             "train_examples": len(train_set),
