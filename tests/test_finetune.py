@@ -41,19 +41,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def finished(one_thread, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("study")
+def tiny_study(root: Path, *overrides: str):
+    """A tiny Llama, its tokenizer and 64 learnable rows under ``root``; the config to finetune them."""
     tokenizer = build_tiny_tokenizer(root / "tokenizer")
     build_tiny_llama(root / "pruned", tokenizer)
     train_path = root / "alpaca.json"
     train_path.write_text(json.dumps(alpaca_rows(64)))
-    config = load_config(None, [
+    return load_config(None, [
         f"study.results_root={root / 'results'}", f"study.pruned_model_path={root / 'pruned'}",
         f"data.train_path={train_path}", "finetune.learning_rate=5e-3", "finetune.batch_size=8",
-        "finetune.micro_batch_size=4", "finetune.num_epochs=2", "finetune.logging_steps=2", "finetune.eval_steps=8",
-        "finetune.cutoff_len=128",
-    ])
+        "finetune.num_epochs=2", "finetune.logging_steps=2", "finetune.eval_steps=8", "finetune.cutoff_len=128",
+        *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished(one_thread, tmp_path_factory: pytest.TempPathFactory):
+    config = tiny_study(tmp_path_factory.mktemp("study"), "finetune.micro_batch_size=4")
     finetune.run(config, PAIR)
     return config, StudyPaths(config).finetuned_dir(PAIR)
 
@@ -163,16 +166,7 @@ def test_val_size_clamp(requested: int, rows: int, expected: int) -> None:
 
 def test_packed_path_trains_the_same_recipe(tmp_path):
     """finetune.packing=on (the GPU default) on CPU: padding-free rows, same sequences per step, loss falls."""
-    tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer")
-    build_tiny_llama(tmp_path / "pruned", tokenizer)
-    train_path = tmp_path / "alpaca.json"
-    train_path.write_text(json.dumps(alpaca_rows(64)))
-    config = load_config(None, [
-        f"study.results_root={tmp_path / 'results'}", f"study.pruned_model_path={tmp_path / 'pruned'}",
-        f"data.train_path={train_path}", "finetune.learning_rate=5e-3", "finetune.batch_size=8",
-        "finetune.num_epochs=2", "finetune.logging_steps=2", "finetune.eval_steps=8", "finetune.cutoff_len=128",
-        "finetune.packing=on", "finetune.packing_max_tokens=128",
-    ])
+    config = tiny_study(tmp_path, "finetune.packing=on", "finetune.packing_max_tokens=128")
     finetune.run(config, PAIR)
     folder = StudyPaths(config).finetuned_dir(PAIR)
     assert is_done(folder, verify_checksums=True)
