@@ -68,7 +68,9 @@ def collect(manifest: Manifest, config: StudyConfig) -> tuple[list[Row], str]:
         task = states.get((array.job_id, task_index))
         if task is None:
             # A pending array task cancelled (by scancel or a failed dependency) leaves no record.
-            state = "CANCELLED" if array.job_id in seen_jobs else "UNKNOWN"
+            # Neither sacct nor squeue knows it: it is not queued or running, and only a task cancelled
+            # while pending leaves no accounting record. Without sacct (squeue fallback) we cannot tell.
+            state = "CANCELLED" if array.job_id in seen_jobs or source.startswith("sacct") else "UNKNOWN"
             task = slurm.TaskState(state)
         state = task.state
         if state == "COMPLETED" and not done:

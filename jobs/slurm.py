@@ -203,8 +203,11 @@ def query_states(job_ids: list[str]) -> tuple[dict[tuple[str, int | None], TaskS
         states, source = {}, "squeue"
     unknown = sorted(set(job_ids) - {job for job, _ in states})
     if unknown:
-        text = _run(["squeue", "-h", "-r", "-o", "%i|%T|-|%M|%N|-|-", "-j", ",".join(unknown)])
-        states.update(parse_sacct(text))
+        try:
+            text = _run(["squeue", "-h", "-r", "-o", "%i|%T|-|%M|%N|-|-", "-j", ",".join(unknown)])
+            states.update(parse_sacct(text))
+        except SlurmError as error:  # "Invalid job id": the controller has forgotten them too
+            log.debug("squeue knows none of %s (%s)", unknown, error)
         source += "+squeue" if source == "sacct" else ""
     return states, source
 

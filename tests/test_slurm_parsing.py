@@ -84,6 +84,15 @@ def test_status_classifies_from_one_query(study, monkeypatch):
     assert state[("Llama/best_acc", "finetune")] == "COMPLETED"
     assert state[("Llama/best_ppl", "finetune")] == "incomplete"  # COMPLETED, outputs missing
     assert state[("Llama/best_ppl", "evaluate_finetuned")] == "CANCELLED"  # no record, array known
-    assert state[("study", "compare")] == "UNKNOWN"  # sacct has never seen job 45
+    assert state[("study", "compare")] == "CANCELLED"  # neither sacct nor squeue knows job 45
     needs = {row.pair.label for row in rows if row.pair and monitor.needs_rerun(row)}
     assert needs == {"Llama/best_acc", "Llama/best_ppl"}
+
+
+def test_without_sacct_a_missing_task_is_unknown(study, monkeypatch):
+    config, manifest = study
+    monkeypatch.setattr(slurm, "query_states", lambda ids: ({("41", 0): slurm.TaskState("RUNNING")}, "squeue"))
+    rows, _ = monitor.collect(manifest, config)
+    state = {(row.pair.label if row.pair else "study", row.stage): row.state for row in rows}
+    assert state[("Llama/best_acc", "finetune")] == "RUNNING"
+    assert state[("study", "compare")] == "UNKNOWN"  # squeue alone cannot tell finished from cancelled
