@@ -41,6 +41,7 @@ from typing import Any
 from jobs.checkpoints import find_checkpoint
 from jobs.config import MODEL_NAMES, StudyConfig, did_you_mean
 from jobs.errors import InputError
+from jobs.json_rows import json_rows
 from jobs.state import atomic_write_json, atomic_write_text, sha256_of
 from jobs.study import Pair, StudyPaths
 
@@ -115,7 +116,9 @@ def read_search(source: str | Path) -> Search:
             rows = [(f"{source} row {number}", row, base) for number, row in _csv_rows(source, text)]
             file_format = "csv"
         else:
-            rows, file_format = [(where, row, base) for where, row in _json_rows(source, text)], "json lines"
+            hint = "a JSON lines search holds one candidate object per line"
+            rows = [(f"{source} {where}", row, base) for where, row in json_rows(source, text, hint)]
+            file_format = "json lines"
         digest = sha256_of(source)
     else:
         raise InputError(f"--search {source} does not exist; give the pruning search's CSV / JSON lines file or "
@@ -169,24 +172,6 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
                                  "parameters as their own columns or as JSON") from None
         known = {key: value for key, value in row.items() if key in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
         rows.append((number, {**known, "params": params}))
-    return rows
-
-
-def _json_rows(path: Path, text: str) -> list[tuple[str, Any]]:
-    if text.lstrip().startswith("["):
-        try:
-            return [(f"{path} row {number}", row) for number, row in enumerate(json.loads(text), start=1)]
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path} line {error.lineno}: malformed JSON ({error.msg})") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path} line {number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path} line {number}: malformed JSON ({error.msg}); a JSON lines search holds one "
-                             "candidate object per line") from None
     return rows
 
 

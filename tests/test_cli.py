@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.cli_helpers import assert_one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,15 +28,6 @@ def study(tmp_path):
     train = tmp_path / "train.json"
     train.write_text("[]")
     return ["--executor", "local", f"study.results_root={root}", f"data.train_path={train}"], root
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert result.stdout == ""
 
 
 def tree(root):

@@ -13,6 +13,7 @@ from jobs.config import load_config
 from jobs.errors import InputError
 from jobs.select import read_search, select
 from jobs.state import sha256_of
+from tests.cli_helpers import assert_one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ["Llama", "Qwen"]
@@ -163,20 +164,11 @@ def test_metrics_source_is_carried_into_records(tmp_path):
     assert "synthetic stand-in; not measured" in (tmp_path / "r/for_finetuning/SUMMARY.md").read_text()
 
 
-def assert_one_line(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert result.stdout == ""
-
-
 def test_missing_columns(search):
     tmp_path, base = search
     bad = base / "bad.csv"
     bad.write_text("model,candidate,accuracy\nLlama,Llama-r20,0.5\n")
-    assert_one_line(launch_select(tmp_path, "--search", str(bad)), "missing column(s) acc, ppl", "found: model")
+    assert_one_line_error(launch_select(tmp_path, "--search", str(bad)), "missing column(s) acc, ppl", "found: model")
     assert not (tmp_path / "results").exists()
 
 
@@ -184,7 +176,7 @@ def test_unknown_model_name(search):
     tmp_path, base = search
     text = (base / "search.csv").read_text().replace("Qwen,Qwen-r35", "Qwenn,Qwen-r35")
     (base / "bad.csv").write_text(text)
-    assert_one_line(launch_select(tmp_path, "--search", str(base / "bad.csv")), "unknown model 'Qwenn'",
+    assert_one_line_error(launch_select(tmp_path, "--search", str(base / "bad.csv")), "unknown model 'Qwenn'",
                     'did you mean "Qwen"', "bad.csv row 7")
     assert not (tmp_path / "results").exists()
 
@@ -193,7 +185,7 @@ def test_no_candidate_for_a_model(search):
     tmp_path, base = search
     lines = [line for line in (base / "search.jsonl").read_text().splitlines() if '"Qwen"' not in line]
     (base / "llama_only.jsonl").write_text("\n".join(lines) + "\n")
-    assert_one_line(launch_select(tmp_path, "--search", str(base / "llama_only.jsonl")), "no candidate for Qwen")
+    assert_one_line_error(launch_select(tmp_path, "--search", str(base / "llama_only.jsonl")), "no candidate for Qwen")
     assert not (tmp_path / "results").exists()
 
 
@@ -202,7 +194,7 @@ def test_destination_with_different_content(search):
     occupied = tmp_path / "results" / "for_finetuning" / "Qwen" / "best_ppl"
     make_candidate(occupied)  # a checkpoint someone put there by hand
     before = tree(tmp_path / "results")
-    assert_one_line(launch_select(tmp_path, "--search", str(base / "search.csv")), "Qwen/best_ppl",
+    assert_one_line_error(launch_select(tmp_path, "--search", str(base / "search.csv")), "Qwen/best_ppl",
                     "already exists with different content")
     assert tree(tmp_path / "results") == before  # not even the other pairs were written
 
@@ -212,7 +204,7 @@ def test_selection_changes_are_refused(search):
     select(study(tmp_path), base / "search.csv")
     text = (base / "search.csv").read_text().replace("Qwen,Qwen-r35,0.571", "Qwen,Qwen-r35,0.71")
     (base / "changed.csv").write_text(text)
-    assert_one_line(launch_select(tmp_path, "--search", str(base / "changed.csv")),
+    assert_one_line_error(launch_select(tmp_path, "--search", str(base / "changed.csv")),
                     "Qwen/best_acc", "holds candidate 'Qwen-r20', the search selects 'Qwen-r35'")
 
 
@@ -225,16 +217,16 @@ def test_bad_rows(search, row, fragment):
     tmp_path, base = search
     text = (base / "search.jsonl").read_text() + json.dumps(row) + "\n"
     (base / "bad.jsonl").write_text(text)
-    assert_one_line(launch_select(tmp_path, "--search", str(base / "bad.jsonl")), fragment)
+    assert_one_line_error(launch_select(tmp_path, "--search", str(base / "bad.jsonl")), fragment)
     assert not (tmp_path / "results").exists()
 
 
 def test_malformed_and_missing_search(search):
     tmp_path, base = search
     (base / "broken.jsonl").write_text('{"model": "Llama",\n')
-    assert_one_line(launch_select(tmp_path, "--search", str(base / "broken.jsonl")), "broken.jsonl line 1",
+    assert_one_line_error(launch_select(tmp_path, "--search", str(base / "broken.jsonl")), "broken.jsonl line 1",
                     "malformed JSON")
-    assert_one_line(launch_select(tmp_path, "--search", str(base / "nope.csv")), "does not exist")
+    assert_one_line_error(launch_select(tmp_path, "--search", str(base / "nope.csv")), "does not exist")
 
 
 def test_duplicate_candidate_ids(search):

@@ -5,11 +5,11 @@ response (and EOS) only, unless ``train_on_inputs`` asks to learn the prompt too
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from jobs.errors import InputError
+from jobs.json_rows import json_rows
 
 if TYPE_CHECKING:  # the login node's `check` reads the data with this module: no transformers import
     from transformers import PreTrainedTokenizerBase
@@ -82,7 +82,7 @@ def load_alpaca_examples(path: str | Path) -> list[dict[str, str]]:
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"training data {path} cannot be read as UTF-8 text ({error}); "
                          "point data.train_path at an Alpaca JSON/JSONL file") from None
-    rows = _parse_rows(path, text)
+    rows = json_rows(path, text, "a JSONL file holds one complete object per line, a JSON file one list of objects")
     if not rows:
         raise InputError(f"training data {path} has no rows; it needs a list of "
                          "{instruction, input, output} objects")
@@ -101,23 +101,3 @@ def load_alpaca_examples(path: str | Path) -> list[dict[str, str]]:
             raise InputError(f"{where}: field(s) {', '.join(wrong)} must be text; fix the row or drop it")
         examples.append(values)
     return examples
-
-
-def _parse_rows(path: Path, text: str) -> list[tuple[str, Any]]:
-    """(where, row) pairs from a JSON list ("row N", 1-based) or JSONL ("line N", blank lines skipped)."""
-    if text.lstrip().startswith("["):
-        try:
-            return [(f"row {number}", row) for number, row in enumerate(json.loads(text), start=1)]
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path} line {error.lineno}: malformed JSON ({error.msg}); fix the file or "
-                             "write it as JSONL (one object per line)") from None
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"line {line_number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path} line {line_number}: malformed JSON ({error.msg}); a JSONL file holds one "
-                             "complete object per line, a JSON file one list of objects") from None
-    return rows
