@@ -11,6 +11,7 @@
     python launch.py resubmit [--indices 3,7] [--stage finetune|evaluate|all]   # only what failed
     python launch.py cancel [--indices 3,7]
     python launch.py report                                 # REPORT.md + plots, SUMMARY.md, summary.csv from the results tree
+    python launch.py convert --model Llama --config best_ppl --allow-pickle   # an LLM-Pruner pickle -> safetensors, once
 
 Overrides are dotted config keys (``section.key=value``) applied on top of --config-file.
 """
@@ -81,6 +82,21 @@ def report_parser() -> argparse.ArgumentParser:
         "are listed as missing.", overrides_help="dotted config overrides, e.g. study.reference_results=unpruned.json")
 
 
+def convert_parser() -> argparse.ArgumentParser:
+    parser = new_parser(
+        "launch.py convert", "Convert an LLM-Pruner pickle (torch.save of a whole pruned model) once into "
+        "converted/ beside it: model.safetensors, config.json, pruned_shapes.json (every layer's shape) and the "
+        "tokenizer. Later runs prefer that folder and load it without unpickling anything, so they need no "
+        "study.allow_pickle. The conversion itself unpickles the file, which runs code from it: it needs "
+        "--allow-pickle or the pair in study.allow_pickle. Loads the whole model into CPU memory.")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="the pair's model, e.g. Llama (needs --config)")
+    which.add_argument("--path", help="a pickle file, or a folder holding one (instead of --model/--config)")
+    parser.add_argument("--config", dest="pruning_config", help="the pair's pruning config: best_acc or best_ppl")
+    parser.add_argument("--allow-pickle", action="store_true", help="I trust this pickle: unpickle it to convert it")
+    return parser
+
+
 def check_parser() -> argparse.ArgumentParser:
     parser = new_parser(
         "launch.py check", "Step 2: validate the study on this (login) node without loading "
@@ -128,13 +144,13 @@ def parse_indices(text: str) -> list[int]:
 
 # Subcommands (the first argument); anything else is a study submission. The README's command reference is
 # generated from these parsers (python -m jobs.reference).
-COMMANDS = ("demo", "select", "check", "status", "resubmit", "cancel", "report")
+COMMANDS = ("demo", "select", "check", "status", "resubmit", "cancel", "report", "convert")
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one subcommand, or of the study submission itself for ""."""
     factories = {"": study_parser, "demo": demo_parser, "select": select_parser, "check": check_parser,
-                 "report": report_parser}
+                 "report": report_parser, "convert": convert_parser}
     return factories[command]() if command in factories else monitor_parser(command)
 
 
@@ -155,6 +171,17 @@ def main(argv: list[str]) -> int:
             from jobs.report_command import write_study_report
             args = report_parser().parse_args(argv[1:])
             return write_study_report(load_config(args.config_file, args.overrides))
+        if argv[:1] == ["convert"]:
+            from jobs.commands import pickle_to_convert
+            args = convert_parser().parse_args(argv[1:])
+            kind, source = pickle_to_convert(load_config(args.config_file, args.overrides), args.model,
+                                             args.pruning_config, args.path, args.allow_pickle)
+            if kind == "converted":
+                print(f"already converted: {source} (delete it to convert again)")
+                return 0
+            from workers.convert import convert_pickle  # torch: only this command loads it on the login node
+            print(f"converted {source} -> {convert_pickle(source)}; later runs load it without unpickling")
+            return 0
         if argv[:1] == ["check"]:
             from jobs.check import check_study
             from jobs.study import select_pairs

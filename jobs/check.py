@@ -2,8 +2,9 @@
 
 Two depths share one list of checks:
 
-* ``require_ready`` runs the quick ones before every submission or local run (file presence and format,
-  the pickle opt-in, DeepSpeed and batch arithmetic, the SLURM partition): the first failure becomes
+* ``require_ready`` runs the quick ones before every submission or local run (a writable results root, file
+  presence and format, the pickle opt-in, finished adapters that fit their base, DeepSpeed and batch
+  arithmetic, no secret typed into the SLURM template, the SLURM partition): the first failure becomes
   one ``InputError`` line, exit code 2, before anything is written or submitted.
 * ``check_study`` (``launch.py check``) adds the deeper ones (tokenizers load, training data and every
   evaluation file parse with the fields the workers read), prints a checklist with the fix for each
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,12 +26,13 @@ import yaml
 
 from jobs.check_findings import FAIL, OK, SKIP, WARN, Finding, StudyFacts, _from_error
 from jobs.check_slurm import check_slurm
-from jobs.checkpoints import find_checkpoint
+from jobs.checkpoints import adapter_mismatch, convert_command, find_checkpoint, model_shapes
 from jobs.config import StudyConfig
 from jobs.errors import InputError
 from jobs.eval_data import EVAL_DATASETS, location, missing_eval_data, wanted_datasets
 from jobs.executor import resolve_kind
 from jobs.plan import Plan, build_plan
+from jobs.slurm_template import inline_secrets
 from jobs.state import sha256_of
 from jobs.study import Pair, StudyPaths, pickle_allowed
 
@@ -47,18 +50,42 @@ def workers_of(plan: Plan) -> set[str]:
     return {array.worker for array in plan.arrays}
 
 
-def check_results_root(config: StudyConfig) -> list[Finding]:
+# Paths that reach an sbatch script (#SBATCH --output=<root>/logs/...) or srun's command line: a space, quote,
+# newline or SLURM filename pattern (%) there would split or rewrite the script.
+SBATCH_SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+,:@=~-]+$")
+
+
+def check_results_root(config: StudyConfig, kind: str = "local") -> list[Finding]:
+    """The root (or its nearest existing parent) is a folder this user can write, on a writable file system.
+
+    ``os.access`` alone says yes to root everywhere, so a read-only mount and a file in the way are
+    checked for themselves.
+    """
     root = Path(config.study.results_root)
-    existing = next((parent for parent in (root, *root.parents) if parent.exists()), Path("."))
-    if not os.access(existing, os.W_OK):
+    fix = "set study.results_root to a folder you can write"
+    if any(ord(character) < 32 for character in str(root)):
+        return [Finding("results root", FAIL, f"results root {str(root)!r} contains a control character", fix)]
+    if kind == "slurm" and not SBATCH_SAFE_PATH.match(str(root.absolute())):
+        return [Finding("results root", FAIL, f"results root {str(root.absolute())!r} has characters that would "
+                        "break the sbatch script (only letters, digits and ._/+,:@=~- are allowed with SLURM)",
+                        "set study.results_root to a path without spaces, quotes or %")]
+    existing = next((parent for parent in (root, *root.parents) if parent.exists() or parent.is_symlink()),
+                    Path("."))
+    if not existing.is_dir():
+        return [Finding("results root", FAIL, f"results root {root} is not writable ({existing} is a file, not a "
+                        "folder)", fix)]
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return [Finding("results root", FAIL, f"results root {root} is not writable ({existing} is on a read-only "
+                        "file system)", fix)]
+    if not os.access(existing, os.W_OK | os.X_OK):
         return [Finding("results root", FAIL, f"results root {root} is not writable ({existing} denies writing)",
-                        "set study.results_root to a folder you can write")]
+                        fix)]
     return [Finding("results root", OK, f"{root} is writable")]
 
 
 def check_checkpoints(config: StudyConfig, pairs: list[Pair], facts: StudyFacts) -> list[Finding]:
     """Every checkpoint exists, is a format PruneTune loads, and a pickle is opted in."""
-    findings, kinds = [], {"hf": [], "pickle": []}
+    findings, kinds = [], {"hf": [], "converted": [], "pickle": []}
     paths = StudyPaths(config)
     for pair in pairs:
         try:
@@ -69,17 +96,40 @@ def check_checkpoints(config: StudyConfig, pairs: list[Pair], facts: StudyFacts)
         if kind == "pickle" and not pickle_allowed(config, pair):
             findings.append(Finding(
                 "checkpoint", FAIL, f"{location} ({pair.label}) is a pickled checkpoint, and loading a pickle runs "
-                "code from it", f"if you trust it, add study.allow_pickle=[{pair.label}] (or list the model)"))
+                "code from it", f"if you trust it, add study.allow_pickle=[{pair.label}] (or list the model), or "
+                f"convert it once to safetensors: {convert_command(pair.label)}"))
             continue
         facts.checkpoints[pair] = (kind, location)
         kinds[kind].append(pair)
     if not pairs:
         return [Finding("checkpoints", SKIP, "no task of this plan loads a checkpoint")]
-    if kinds["hf"] or kinds["pickle"]:
+    if facts.checkpoints:
         opted_in = ", ".join(pair.label for pair in kinds["pickle"])
         pickles = f", {len(kinds['pickle'])} LLM-Pruner pickle(s) opted in ({opted_in})" if opted_in else ""
+        converted = f", {len(kinds['converted'])} converted pickle(s)" if kinds["converted"] else ""
         findings.insert(0, Finding("checkpoints", OK, f"{len(facts.checkpoints)} of {len(pairs)} recognised: "
-                                   f"{len(kinds['hf'])} Hugging Face folder(s){pickles}"))
+                                   f"{len(kinds['hf'])} Hugging Face folder(s){converted}{pickles}"))
+    return findings
+
+
+def check_adapters(config: StudyConfig, plan: Plan, facts: StudyFacts) -> list[Finding]:
+    """A finished adapter about to be evaluated fits its base model: every LoRA matrix matches the shape of the
+    weight it wraps (from the safetensors headers; a pickle's shapes are unknown without unpickling it)."""
+    paths = StudyPaths(config)
+    pairs = [pair for array in plan.arrays if array.name == "evaluate_finetuned_ready" for pair in array.pairs]
+    findings = []
+    for pair in pairs:
+        if pair not in facts.checkpoints:
+            continue  # its checkpoint already failed
+        base = model_shapes(*facts.checkpoints[pair])
+        adapter = paths.finetuned_dir(pair)
+        problem = adapter_mismatch(adapter, base) if base is not None else ""
+        if problem:
+            findings.append(Finding("adapter", FAIL, f"adapter {adapter} ({pair.label}) does not fit its base model "
+                                    f"{facts.checkpoints[pair][1]}: {problem}", "finetune it again on this base: "
+                                    f"delete {adapter} and run --model {pair.model} --config {pair.config} --stage all"))
+    if pairs and not findings:
+        findings.append(Finding("adapter", OK, f"{len(pairs)} finished adapter(s) fit their base models"))
     return findings
 
 
@@ -288,6 +338,17 @@ def deepspeed_problems(settings: dict[str, Any], config: StudyConfig, world: int
     return problems
 
 
+def check_template_secrets(config: StudyConfig) -> list[Finding]:
+    """No token or password typed into the template: its setup lines are copied into every job's script in logs/."""
+    names = inline_secrets(config)
+    if not names:
+        return []
+    return [Finding("secrets", FAIL, f"{config.executor.slurm_template}: setup sets {', '.join(names)} to a literal "
+                    "value, which would be copied into every job's submission script under logs/",
+                    f"remove it there and export it in your shell before submitting (SLURM passes your environment "
+                    f"on), or read it from a file: export {names[0]}=$(cat ~/.{names[0].lower()})")]
+
+
 # ------------------------------------------------------------------------------------ running them
 
 
@@ -295,8 +356,9 @@ def collect_findings(config: StudyConfig, plan: Plan, kind: str, deep: bool, wit
                      facts: StudyFacts | None = None) -> list[Finding]:
     facts = facts if facts is not None else StudyFacts()
     workers = workers_of(plan)
-    findings = check_results_root(config)
+    findings = check_results_root(config, kind)
     findings += check_checkpoints(config, model_pairs(plan), facts)
+    findings += check_adapters(config, plan, facts)
     if deep and facts.checkpoints:
         findings += check_tokenizers(facts)
     if "finetune" in workers:
@@ -304,6 +366,8 @@ def collect_findings(config: StudyConfig, plan: Plan, kind: str, deep: bool, wit
     if workers & {"evaluate_pruned", "evaluate_finetuned"}:
         findings += check_eval_data(config, deep, facts)
     findings += check_batch_and_deepspeed(config, plan, kind)
+    if kind == "slurm" and plan.arrays:
+        findings += check_template_secrets(config)
     if kind == "slurm" and with_slurm and plan.arrays:
         findings += check_slurm(config, plan, facts)
     elif kind != "slurm":

@@ -6,10 +6,12 @@ import time
 from pathlib import Path
 
 from jobs.check import require_ready
+from jobs.checkpoints import convert_command, find_checkpoint
 from jobs.config import StudyConfig
+from jobs.errors import InputError
 from jobs.executor import SUCCEEDED, LocalRunner, resolve_kind
 from jobs.plan import Plan, build_plan, describe
-from jobs.study import Pair, StudyPaths
+from jobs.study import Pair, StudyPaths, pickle_allowed, select_pairs
 
 log = logging.getLogger("prunetune")
 
@@ -61,3 +63,26 @@ def submit_study(config: StudyConfig, plan: Plan, dry_run: bool) -> int:
     print(f"submitted in {time.monotonic() - started:.1f}s; manifest {manifest.path}; "
           f"watch with: python launch.py status study.results_root={config.study.results_root}")
     return 0
+
+
+def pickle_to_convert(config: StudyConfig, model: str | None, pruning_config: str | None, path: str | None,
+                      allow_pickle: bool) -> tuple[str, Path]:
+    """("pickle", the file ``launch.py convert`` may unpickle: found and opted in), or ("converted", its folder)
+    when that is done already; bad input is one line and exit code 2."""
+    if path is None:
+        pair = select_pairs(config, model, pruning_config)[0]
+        kind, location = find_checkpoint(StudyPaths(config).pruned_model(pair))
+        label, trusted = pair.label, allow_pickle or pickle_allowed(config, pair)
+    else:
+        if pruning_config is not None:
+            raise InputError("--config goes with --model, not with --path; pass one of them")
+        kind, location = find_checkpoint(Path(path))
+        label, trusted = "", allow_pickle
+    if kind == "converted":
+        return kind, location
+    if kind != "pickle":
+        raise InputError(f"{location} is a Hugging Face folder, not a pickle; it needs no conversion")
+    if not trusted:
+        raise InputError(f"converting {location} unpickles it, which runs code from it; if you trust it, run "
+                         f"{convert_command(label, location)}")
+    return kind, location

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ from jobs.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("finetune", "evaluate", "compare")
 DEFAULT_TEMPLATE = "slurm_templates/default.yaml"
+# A setup line that assigns a literal to a secret-looking variable (export HF_TOKEN=hf_...): the line is copied
+# into every job's submission script under logs/. ``export HF_TOKEN=$(cat ~/.hf_token)`` or ``="$HF_TOKEN"`` is fine.
+ASSIGNMENT = re.compile(r"\b([A-Za-z_]\w*)=(?![\"']?\$)[^\s;]+")
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)(_|$)", re.IGNORECASE)
 
 
 def template_path(name: str) -> Path:
@@ -83,3 +88,10 @@ def setup_lines(config: StudyConfig) -> list[str]:
     """Shell lines run before the worker: the template's own, then this checkout on PYTHONPATH."""
     lines = read_template(config.executor.slurm_template)["setup"]
     return [*lines, f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+
+
+def inline_secrets(config: StudyConfig) -> list[str]:
+    """Names of the variables the template's setup lines set to a literal secret (see SECRET_NAME)."""
+    lines = read_template(config.executor.slurm_template)["setup"]
+    return sorted({match.group(1) for line in lines for match in ASSIGNMENT.finditer(line)
+                   if SECRET_NAME.search(match.group(1))})

@@ -41,8 +41,15 @@ def select_pairs(config: StudyConfig, model: str | None = None, pruning_config: 
                                      ("pruning config", pruning_config, configs, "--config")):
         if given is None:
             continue
+        if not SAFE_NAME.match(given):
+            raise ConfigError(f"{flag} {given!r}: not a valid {name} name (letters, digits and . _ - only, since it "
+                              f"becomes folder, log and job names); use one of {', '.join(valid)}")
+        known = MODEL_NAMES if flag == "--model" else PRUNING_CONFIG_NAMES
+        if given not in valid and given in known:
+            setting = "study.models" if flag == "--model" else "study.pruning_configs"
+            raise ConfigError(f"{flag} {given!r}: not in this study's {setting} ({', '.join(valid)}); add it there "
+                              f"or pick one of those")
         if given not in valid:
-            known = MODEL_NAMES if flag == "--model" else PRUNING_CONFIG_NAMES
             hint = did_you_mean(given, valid) or did_you_mean(given, known)
             raise ConfigError(f"{flag} {given!r}: unknown {name}{hint} (valid: {', '.join(valid)})")
     if (model is None) != (pruning_config is None):
