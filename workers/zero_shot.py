@@ -24,6 +24,10 @@ The YAMLs go into a per-process temp dir indexed by ``TaskManager(include_path=.
 indexing lm-eval's ~15,000 built-in tasks takes ~20 s, our seven files take ~10 ms; without the
 built-ins in the index our tasks keep their real names without a clash.
 
+``evaluate.backend`` picks who scores the requests lm-eval builds: ``prunetune`` (``workers.fast_lm``, our
+registered lm-eval model class: each shared context computed once, the same numbers up to float rounding) or
+``hf`` (lm-eval's HFLM). Either way lm-eval owns the tasks, prompts, metrics and aggregation.
+
 Headline metric per task as LLM-Pruner reports it: acc for boolq, piqa, winogrande, arc_easy;
 acc_norm for hellaswag, arc_challenge, openbookqa; ``average`` is the mean of the headline metrics.
 ``evaluate_lm_eval_wikitext`` runs lm-eval's ``wikitext`` task the same way: word and byte perplexity of
@@ -47,7 +51,7 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerBase
 
-from jobs.config import DataSettings
+from jobs.config import DataSettings, EvaluateSettings
 from jobs.errors import InputError
 from jobs.eval_data import EVAL_DATASETS, EvalDataset, location, missing_eval_data, require_eval_data
 from workers.eval_sources import as_data, offline_hub, work_dir
@@ -267,16 +271,22 @@ def summarize_results(results: dict[str, Any], tasks: tuple[str, ...] | list[str
 
 
 def _run_lm_eval(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataSettings,
-                 tasks: tuple[str, ...], batch_size: int, limit: int) -> dict[str, Any]:
+                 tasks: tuple[str, ...], batch_size: int, limit: int, backend: str
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """lm-eval's results, and which backend scored them (``fallback``: why prunetune used HFLM's scoring)."""
     import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
+
+    from workers.fast_lm import PruneTuneLM
 
     manager = task_manager_for(data, tasks)
     try:
         with _quiet_lm_eval(), offline_hub():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            return lm_eval.evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit or None,
-                                                     task_manager=manager, log_samples=False)
+            lm = {"hf": HFLM, "prunetune": PruneTuneLM}[backend](pretrained=model, tokenizer=tokenizer,
+                                                                 batch_size=batch_size)
+            results = lm_eval.evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0,
+                                                        limit=limit or None, task_manager=manager, log_samples=False)
+            return results, {"backend": backend, "backend_fallback": getattr(lm, "fallback", None)}
     except (FileNotFoundError, ConnectionError, ValueError) as error:
         if data.eval_source == "local_files" or "dataset" not in str(error).lower():
             raise
@@ -286,28 +296,32 @@ def _run_lm_eval(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, dat
 
 
 def evaluate_zero_shot(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: DataSettings | Path,
-                       tasks: tuple[str, ...] | list[str], batch_size: int, limit: int) -> dict[str, Any]:
-    """Run the tasks 0-shot on the already-loaded ``model``; ``limit`` > 0 keeps the first N docs per task."""
+                       tasks: tuple[str, ...] | list[str], batch_size: int, limit: int,
+                       backend: str = EvaluateSettings.backend) -> dict[str, Any]:
+    """Run the tasks 0-shot on the already-loaded ``model``; ``limit`` > 0 keeps the first N docs per task.
+
+    ``backend``: ``prunetune`` (``workers.fast_lm``) or ``hf`` (lm-eval's HFLM) scores the requests.
+    """
     tasks, data = tuple(tasks), as_data(source)
     files = check_zero_shot_data(data, tasks)
     started = time.monotonic()
-    results = _run_lm_eval(model, tokenizer, data, tasks, batch_size, limit)
+    results, scorer = _run_lm_eval(model, tokenizer, data, tasks, batch_size, limit, backend)
     summary = summarize_results(results, tasks)
     for task in tasks:
         summary["tasks"][task]["data_location"] = str(files[task])
         summary["tasks"][task]["split"] = TASK_SOURCES[task].split
     return {**summary, "eval_source": data.eval_source, "lm_eval_version": importlib.metadata.version("lm_eval"),
-            "num_fewshot": 0, "limit": limit or None, "batch_size": batch_size,
+            "num_fewshot": 0, "limit": limit or None, "batch_size": batch_size, **scorer,
             "wall_time_s": round(time.monotonic() - started, 3)}
 
 
 def evaluate_lm_eval_wikitext(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, source: DataSettings | Path,
-                              batch_size: int, limit: int) -> dict[str, Any]:
+                              batch_size: int, limit: int, backend: str = EvaluateSettings.backend) -> dict[str, Any]:
     """lm-eval's own ``wikitext`` task: word perplexity, byte perplexity and bits per byte of whole articles."""
     data = as_data(source)
     files = check_zero_shot_data(data, (WIKITEXT_TASK,))
     started = time.monotonic()
-    results = _run_lm_eval(model, tokenizer, data, (WIKITEXT_TASK,), batch_size, limit)
+    results, scorer = _run_lm_eval(model, tokenizer, data, (WIKITEXT_TASK,), batch_size, limit, backend)
     metrics = results["results"][WIKITEXT_TASK]
     return {"metric": "lm-eval wikitext: word/byte perplexity of whole documents (rolling loglikelihood); not "
                       "comparable with the LLM-Pruner token perplexity",
@@ -316,5 +330,5 @@ def evaluate_lm_eval_wikitext(model: torch.nn.Module, tokenizer: PreTrainedToken
             "task": WIKITEXT_TASK, "version": results.get("versions", {}).get(WIKITEXT_TASK),
             "n_documents": results.get("n-samples", {}).get(WIKITEXT_TASK, {}).get("effective"),
             "limit": limit or None, "eval_source": data.eval_source, "data_location": str(files[WIKITEXT_TASK]),
-            "lm_eval_version": importlib.metadata.version("lm_eval"),
+            "lm_eval_version": importlib.metadata.version("lm_eval"), **scorer,
             "wall_time_s": round(time.monotonic() - started, 3)}
