@@ -2,17 +2,27 @@
 """The real finetune worker (workers.finetune.run) on a GPU: padded recipe path vs packed path.
 
     python3 benchmarks/finetune_worker_gpu.py --shape 1b --steps 6
+    python3 benchmarks/finetune_worker_gpu.py --shape llama3-8b-pruned --work /tmp/w --prepare-only
+    torchrun --nproc_per_node 2 benchmarks/finetune_worker_gpu.py --shape llama3-8b-pruned --work /tmp/w \
+        --variants on --deepspeed zero2 --steps 60
 
 Builds a random-init Llama of the chosen shape, a tokenizer trained here and alpaca-like rows (about
 160 tokens, prompt masked), then runs the worker twice on the same data: ``finetune.packing=off``
 (LLM-Pruner's layout: micro batch 4, padded) and ``finetune.packing=on`` (the default on GPUs). It prints
-the real-token throughput each run recorded in its finetuning_config.json. ``benchmarks/lora_throughput.py``
-is the controlled kernel-level benchmark; this one shows the worker itself takes the fast path.
+the real-token throughput each run recorded in its finetuning_config.json, and the steady-state throughput
+after ``--skip`` steps (the worker's own figure includes torch.compile and the first steps).
+``benchmarks/lora_throughput.py`` is the controlled kernel-level benchmark; this one shows the worker itself
+takes the fast path. Under torchrun each process is one rank of the real worker (ranks come from the launcher's
+environment, as from SLURM's); prepare the model first with ``--prepare-only``.
+
+``llama3-8b-pruned`` is the issue's 6.7B shape with the real 128,256-entry vocabulary in the model (embedding
+and LM head at full size); the tokenizer trained here uses only the first ~1,000 ids.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -26,6 +36,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "tiny": (64, 128, 2, 4, 2, 1024),
     "1b": (2048, 5632, 16, 32, 8, 1024),
     "llama3-8b-pruned-8l": (4096, 11008, 8, 32, 8, 1024),
+    "llama3-8b-pruned": (4096, 11008, 32, 32, 8, 128256),
 }
 WORDS = ("the model learns to follow short instructions about colours numbers animals places and simple "
          "facts while the pruned network recovers what it lost").split()
@@ -46,24 +57,102 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps of 64 sequences per run")
     parser.add_argument("--variants", default="off,on", help="finetune.packing values to run, in order")
+    parser.add_argument("--deepspeed", default="none", help="finetune.deepspeed (none, zero2, ...)")
+    parser.add_argument("--checkpoint-steps", type=int, default=0, help="finetune.checkpoint_steps (0: none)")
+    parser.add_argument("--skip", type=int, default=10, help="steps left out of the steady-state figure")
+    parser.add_argument("--work", help="folder for the model and data (kept; reused when already prepared)")
+    parser.add_argument("--prepare-only", action="store_true", help="build model and data in --work, then stop")
+    parser.add_argument("--tag", default="run", help="results go to <work>/<packing>-<tag>: one tag per run to compare")
     args = parser.parse_args()
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from jobs.config import load_config
     from jobs.study import Pair, StudyPaths
     from workers import finetune
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="prunetune-worker-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    if not (work / "pruned" / "config.json").is_file():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit(f"prepare {work} first: the same command with --prepare-only and no launcher")
+        prepare(work, args.shape, args.steps)
+    if args.prepare_only:
+        return 0
+    steady = StepClock(args.skip)
+    finetune.LogLines.on_step_end = steady.on_step_end  # a plain callback hook the worker's LogLines leaves unused
+    results = []
+    for variant in args.variants.split(","):
+        study = load_config(None, [
+            f"study.results_root={work / f'{variant}-{args.tag}'}", f"study.pruned_model_path={work / 'pruned'}",
+            f"data.train_path={work / 'alpaca.json'}", f"finetune.packing={variant}",
+            f"finetune.deepspeed={args.deepspeed}", f"finetune.checkpoint_steps={args.checkpoint_steps}",
+            f"finetune.max_steps={args.steps}", "finetune.val_set_size=16", "finetune.eval_steps=1000",
+            "finetune.logging_steps=1", f"resources.finetune.gpus_per_node={os.environ.get('WORLD_SIZE', '1')}"])
+        steady.reset()
+        started = time.monotonic()
+        finetune.run(study, Pair("Llama", "best_acc"))
+        wall = time.monotonic() - started
+        if rank:
+            continue
+        record = json.loads((StudyPaths(study).finetuned_dir(Pair("Llama", "best_acc")) /
+                             "finetuning_config.json").read_text())
+        metrics = record["metrics"]
+        tokens_per_step = metrics["train_tokens"] / metrics["optimizer_steps"]
+        results.append({"packing": variant, "ranks": record["derived"]["world_size"],
+                        "deepspeed": record["derived"]["deepspeed"], "tokens_per_s": round(metrics["train_tokens_per_s"]),
+                        "steady_tokens_per_s": steady.tokens_per_s(tokens_per_step),
+                        "train_runtime_s": metrics["train_runtime_s"], "wall_s": round(wall, 1),
+                        "steps": metrics["optimizer_steps"], "first_loss": round(metrics["first_train_loss"], 4),
+                        "last_loss": round(metrics["last_train_loss"], 4),
+                        "rows_per_step": record["derived"]["packed_rows_per_rank_and_step"],
+                        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
+                        if torch.cuda.is_available() else None})
+        print(json.dumps(results[-1]), flush=True)
+    if len(results) == 2 and results[0]["steady_tokens_per_s"]:
+        print(f"packed / padded steady real-token throughput: "
+              f"{results[1]['steady_tokens_per_s'] / results[0]['steady_tokens_per_s']:.2f}x")
+    return 0
+
+
+class StepClock:
+    """Wall time of each optimizer step end on this process, for a throughput that leaves out compile."""
+
+    def __init__(self, skip: int) -> None:
+        self.skip, self.times = skip, []
+
+    def reset(self) -> None:
+        self.times = []
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:  # bound as LogLines.on_step_end
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append((state.global_step, time.monotonic()))
+
+    def tokens_per_s(self, tokens_per_step: float) -> int | None:
+        timed = [entry for entry in self.times if entry[0] >= self.skip]
+        if len(timed) < 2:
+            return None
+        steps, seconds = timed[-1][0] - timed[0][0], timed[-1][1] - timed[0][1]
+        return round(tokens_per_step * steps / seconds)
+
+
+def prepare(work: Path, shape: str, steps: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from workers.demo_inputs import train_tokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="prunetune-worker-gpu-"))
-    data = rows(64 * args.steps + 16, seed=0)
+    data = rows(64 * steps + 16, seed=0)
     (work / "alpaca.json").write_text(json.dumps(data))
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(" ".join(row.values()) for row in data))
     tokenizer = train_tokenizer([corpus], work / "tokenizer")
-    hidden, intermediate, layers, heads, kv_heads, _ = SHAPES[args.shape]
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+    hidden, intermediate, layers, heads, kv_heads, vocab = SHAPES[shape]
+    config = LlamaConfig(vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -74,33 +163,9 @@ def main() -> int:
     tokenizer.save_pretrained(work / "pruned")
     parameters = sum(p.numel() for p in model.parameters())
     del model
-    print(json.dumps({"shape": args.shape, "parameters": parameters, "build_s": round(time.monotonic() - started, 1),
+    print(json.dumps({"shape": shape, "parameters": parameters, "build_s": round(time.monotonic() - started, 1),
                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                       "torch": torch.__version__}), flush=True)
-
-    results = []
-    for variant in args.variants.split(","):
-        study = load_config(None, [
-            f"study.results_root={work / variant}", f"study.pruned_model_path={work / 'pruned'}",
-            f"data.train_path={work / 'alpaca.json'}", f"finetune.packing={variant}", "finetune.deepspeed=none",
-            f"finetune.max_steps={args.steps}", "finetune.val_set_size=16", "finetune.eval_steps=1000",
-            "finetune.logging_steps=1"])
-        started = time.monotonic()
-        finetune.run(study, Pair("Llama", "best_acc"))
-        wall = time.monotonic() - started
-        record = json.loads((StudyPaths(study).finetuned_dir(Pair("Llama", "best_acc")) /
-                             "finetuning_config.json").read_text())
-        metrics = record["metrics"]
-        results.append({"packing": variant, "tokens_per_s": round(metrics["train_tokens_per_s"]),
-                        "train_runtime_s": metrics["train_runtime_s"], "wall_s": round(wall, 1),
-                        "steps": metrics["optimizer_steps"], "first_loss": round(metrics["first_train_loss"], 4),
-                        "last_loss": round(metrics["last_train_loss"], 4),
-                        "rows_per_step": record["derived"]["packed_rows_per_rank_and_step"]})
-        print(json.dumps(results[-1]), flush=True)
-    if len(results) == 2 and results[0]["tokens_per_s"]:
-        print(f"packed / padded real-token throughput: {results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x "
-              "(train_runtime includes torch.compile of the packed path's first steps)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -240,3 +240,48 @@ def test_missing_eval_data_fails_before_loading_the_model(study: StudyConfig, tm
                      data=replace(study.data, eval_data_dir=str(tmp_path / "empty")))
     with pytest.raises(InputError, match=r"wikitext2.*wikitext2/test\.jsonl"):
         evaluate.run(broken, PAIR, "pruned")
+
+
+def test_evaluation_resumes_per_task_after_a_crash(study: StudyConfig, tmp_path: Path, monkeypatch) -> None:
+    """A crash during the third task keeps the perplexities and the first two tasks; the rerun computes only
+    the rest, and the results equal an uninterrupted run's."""
+    from workers import evaluate
+
+    import shutil
+
+    # The baseline is cached beside the model: a copy of the model starts with no baseline.
+    shutil.copytree(StudyPaths(study).pruned_model(PAIR), tmp_path / "models" / PAIR.model / PAIR.config,
+                    ignore=shutil.ignore_patterns("baseline_evaluation"))
+    fresh = replace(study, study=replace(study.study, results_root=str(tmp_path / "results"),
+                                         pruned_model_path=str(tmp_path / "models" / "{model}" / "{config}")))
+    folder = StudyPaths(fresh).baseline_eval_dir(PAIR)
+    computed: list[str] = []
+    crashes = [ZERO_SHOT_TASKS[2]]  # once
+    real_zero_shot, real_ppl = evaluate.evaluate_zero_shot, evaluate.dataset_perplexity
+
+    def zero_shot(model, tokenizer, data, tasks, *args):
+        computed.append(tasks[0])
+        if tasks[0] in crashes:
+            crashes.remove(tasks[0])
+            raise RuntimeError("injected crash")
+        return real_zero_shot(model, tokenizer, data, tasks, *args)
+
+    def perplexity(model, tokenizer, data, dataset, *args):
+        computed.append(dataset)
+        return real_ppl(model, tokenizer, data, dataset, *args)
+
+    monkeypatch.setattr(evaluate, "evaluate_zero_shot", zero_shot)
+    monkeypatch.setattr(evaluate, "dataset_perplexity", perplexity)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        evaluate.run(fresh, PAIR, "pruned")
+    assert not is_done(folder) and not (folder / "evaluation_results.json").exists()
+    assert computed == ["wikitext2", "ptb", *ZERO_SHOT_TASKS[:3]]
+    computed.clear()
+    evaluate.run(fresh, PAIR, "pruned")
+    assert computed == list(ZERO_SHOT_TASKS[2:])  # nothing finished before the crash is done twice
+    _, resumed = check_results(folder)
+    assert not (folder / evaluate.PARTIAL_DIR).exists()
+    _, whole = check_results(StudyPaths(study).baseline_eval_dir(PAIR))  # the uninterrupted run of the test above
+    assert {task: entry["value"] for task, entry in resumed["tasks"].items()} == \
+        {task: entry["value"] for task, entry in whole["tasks"].items()}
+    assert resumed["average"] == pytest.approx(whole["average"])

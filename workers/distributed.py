@@ -53,13 +53,15 @@ import socket
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import yaml
 
 from jobs.config import DEEPSPEED_CONFIG_DIR as DEEPSPEED_DIR
 from jobs.errors import InputError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,16 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0: the one process that logs progress and writes results."""
     return rank() == 0
+
+
+def from_rank0(compute: Callable[[], T]) -> T:
+    """``compute()``'s value on rank 0, given to every rank (collective), for decisions all ranks must share."""
+    value = compute()
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @contextlib.contextmanager

@@ -59,3 +59,18 @@ def run_task(spec: TaskSpec) -> str:
     elapsed = time.monotonic() - started
     log.log(level, "done %s in %.1fs", spec.label, elapsed)
     return f"{spec.label} ok in {elapsed:.1f}s"
+
+
+class TaskRunner:
+    """``run_task`` as submitit's checkpointable callable: on SLURM's warning signal (preemption or the time
+    limit coming), submitit calls ``checkpoint`` and requeues the job with the same task. The task itself
+    resumes: a finetune from its newest checkpoint (it saves one on the signal first, see
+    workers/checkpointing.py), an evaluation from the results it already wrote."""
+
+    def __call__(self, spec: TaskSpec) -> str:
+        return run_task(spec)
+
+    def checkpoint(self, spec: TaskSpec):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, spec)

@@ -2,7 +2,8 @@
 
 Setup → cache check (pruned: ``jobs.cache``) → perplexity (``workers.perplexity``: wikitext2, ptb the LLM-Pruner
 way; optionally lm-eval's own ``wikitext``) → zero-shot (``workers.zero_shot``: lm-eval's built-in tasks) →
-save → done marker.
+save → done marker. Each perplexity and each zero-shot task is kept in ``.partial/`` as soon as it is computed,
+so a requeued or rerun evaluation redoes only what was not finished.
 
 Writes into ``baseline_eval_dir(pair)`` (pruned) or ``finetuned_eval_dir(pair)`` (finetuned):
     ppl_results.json         {"wikitext2": {ppl, nll_mean, n_windows, ...}, "ptb": {...}, "settings": {...},
@@ -17,9 +18,12 @@ before the model is loaded, in milliseconds).
 """
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 TARGETS = ("pruned", "finetuned")
 PPL_FILE = "ppl_results.json"
 EVAL_FILE = "evaluation_results.json"
+PARTIAL_DIR = ".partial"
 
 
 def run(config: StudyConfig, pair: Pair, target: str) -> None:
@@ -89,17 +94,19 @@ def run(config: StudyConfig, pair: Pair, target: str) -> None:
              "adapter_merged": settings.merge_adapter if adapter_dir else None, "device": str(device),
              "dtype": str(dtype).removeprefix("torch."), "evaluation_digest": identity.digest}
 
+    partial = PartialResults(output_dir / PARTIAL_DIR, identity.digest)
     ppl_started = time.monotonic()
     ppl: dict[str, Any] = {}
     for dataset in settings.ppl_datasets:
         dataset_started = time.monotonic()
-        ppl[dataset] = dataset_perplexity(model, tokenizer, config.data, dataset, settings.ppl_seq_len,
-                                          settings.ppl_batch_size, settings.ppl_add_bos, device)
+        ppl[dataset] = partial.get_or_compute(f"ppl-{dataset}", lambda: dataset_perplexity(
+            model, tokenizer, config.data, dataset, settings.ppl_seq_len, settings.ppl_batch_size,
+            settings.ppl_add_bos, device))
         log.info("%s %s: %s ppl %.3f (%d windows of %d, %.1fs)", pair.label, target, dataset, ppl[dataset]["ppl"],
                  ppl[dataset]["n_windows"], settings.ppl_seq_len, time.monotonic() - dataset_started)
     if settings.lm_eval_wikitext:
-        ppl["lm_eval_wikitext"] = evaluate_lm_eval_wikitext(model, tokenizer, config.data, settings.batch_size,
-                                                            settings.limit)
+        ppl["lm_eval_wikitext"] = partial.get_or_compute("lm_eval_wikitext", lambda: evaluate_lm_eval_wikitext(
+            model, tokenizer, config.data, settings.batch_size, settings.limit, settings.backend))
         log.info("%s %s: lm-eval wikitext word perplexity %.3f, byte perplexity %.4f (a different quantity from "
                  "the token perplexity above)", pair.label, target, ppl["lm_eval_wikitext"]["word_perplexity"],
                  ppl["lm_eval_wikitext"]["byte_perplexity"])
@@ -110,10 +117,7 @@ def run(config: StudyConfig, pair: Pair, target: str) -> None:
                        "wall_time_s": round(time.monotonic() - ppl_started, 3)}
     atomic_write_json(output_dir / PPL_FILE, ppl)
 
-    zero_shot = evaluate_zero_shot(model, tokenizer, config.data, settings.tasks, settings.batch_size, settings.limit)
-    for task, entry in zero_shot["tasks"].items():
-        log.info("%s %s: %s %s %.4f (%s docs)", pair.label, target, task, entry["metric"], entry["value"],
-                 entry["n_samples"])
+    zero_shot = zero_shot_by_task(partial, model, tokenizer, config, pair, target)
     log.info("%s %s: zero-shot average %.4f over %d tasks (%.1fs)", pair.label, target, zero_shot["average"],
              len(zero_shot["tasks"]), zero_shot["wall_time_s"])
     task_versions = {task: entry["version"] for task, entry in zero_shot["tasks"].items()}
@@ -128,7 +132,51 @@ def run(config: StudyConfig, pair: Pair, target: str) -> None:
     else:
         extra[EVALUATION_FIELD] = {"digest": identity.digest, "settings": identity.settings, "files": identity.files}
     mark_done(output_dir, [PPL_FILE, EVAL_FILE], extra=extra)
+    partial.discard()
     log.info("%s %s: wrote %s in %.1fs", pair.label, target, output_dir, wall_time)
+
+
+def zero_shot_by_task(partial: PartialResults, model: Any, tokenizer: Any, config: StudyConfig, pair: Pair,
+                      target: str) -> dict[str, Any]:
+    """The zero-shot tasks one at a time, each kept as soon as it is scored, merged as one lm-eval run reports."""
+    settings = config.evaluate
+    runs = {}
+    for task in settings.tasks:
+        runs[task] = partial.get_or_compute(f"task-{task}", lambda: evaluate_zero_shot(
+            model, tokenizer, config.data, (task,), settings.batch_size, settings.limit, settings.backend))
+        entry = runs[task]["tasks"][task]
+        log.info("%s %s: %s %s %.4f (%s docs)", pair.label, target, task, entry["metric"], entry["value"],
+                 entry["n_samples"])
+    merged = {**runs[settings.tasks[-1]], "tasks": {task: runs[task]["tasks"][task] for task in settings.tasks},
+              "average_over": list(settings.tasks),
+              "wall_time_s": round(sum(run["wall_time_s"] for run in runs.values()), 3)}
+    merged["average"] = sum(entry["value"] for entry in merged["tasks"].values()) / len(merged["tasks"])
+    return merged
+
+
+class PartialResults:
+    """Each perplexity and each zero-shot task's result, kept (atomically) as soon as it exists, so a crash or
+    requeue during HellaSwag does not redo BoolQ. A part made with other settings or another model (the
+    evaluation digest differs) is recomputed. Removed once the results are marked done."""
+
+    def __init__(self, folder: Path, digest: str) -> None:
+        self.folder, self.digest = folder, digest
+
+    def get_or_compute(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self.folder / f"{name}.json"
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("digest") == self.digest:
+                log.info("%s: kept from an earlier attempt (%s)", name, path)
+                return saved["result"]
+        except (OSError, ValueError, AttributeError):
+            pass  # none yet, or unreadable: compute it
+        result = compute()
+        atomic_write_json(path, {"digest": self.digest, "result": result})
+        return result
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _baseline_cached(config: StudyConfig, pair: Pair) -> bool:

@@ -12,6 +12,10 @@ Features:
   this recipe. ``finetune.deepspeed=auto`` means ZeRO-2 on GPUs or with several ranks, and no DeepSpeed
   for one CPU process (the demo), where it would shard nothing and only cost start-up time.
 - Warmup clamped to a tenth of the run for short runs; bf16/fp16 on GPU as configured, fp32 on CPU.
+- Resumable (``workers/checkpointing.py``): a checkpoint every ``finetune.checkpoint_minutes`` (or
+  ``finetune.checkpoint_steps``) and on SLURM's warning signal; a rerun or requeue resumes from the newest
+  complete one made with the same recipe, so a crash redoes at most one checkpoint interval. The checkpoints
+  go once the adapter is done.
 - Writes, on rank 0 only (other ranks log warnings only) and atomically: ``adapter_model.safetensors`` and
   ``adapter_config.json``, ``finetuning_config.json`` (every setting, the derived values and the resolved
   DeepSpeed config, versions, git sha, times, metrics), ``training_log.txt`` (one line per logging step,
@@ -46,7 +50,7 @@ from jobs.config import FinetuneSettings, StudyConfig
 from jobs.errors import InputError
 from jobs.state import atomic_write_json, atomic_write_text, clear_done, is_done, mark_done
 from jobs.study import Pair, StudyPaths, pickle_allowed
-from workers import distributed
+from workers import checkpointing, distributed
 from workers.modelio import load_pruned_model, resolve_dtype
 from workers.packed_trainer import PackedTrainer, prepare_packing
 from workers.prompts import load_alpaca_examples, tokenize_example
@@ -56,7 +60,6 @@ log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 CONFIG_FILE = "finetuning_config.json"
 LOG_FILE = "training_log.txt"
-SCRATCH = ".trainer_scratch"  # the Trainer's output_dir; nothing is kept from it (save_strategy "no")
 REPO_DIR = Path(__file__).resolve().parents[1]
 
 
@@ -68,13 +71,35 @@ def run(config: StudyConfig, pair: Pair) -> None:
         log.info("%s: finetune already done in %s; skipping", pair.label, out_dir)
         return
     run_info = distributed.setup(config.finetune.deepspeed, on_gpu=torch.cuda.is_available())
+    stop = checkpointing.StopOnSignal(config.finetune.checkpoint_minutes).install()
     try:
-        _finetune(config, pair, out_dir, run_info)
+        _finetune(config, pair, out_dir, run_info, stop)
     finally:
+        stop.uninstall()
         distributed.teardown()  # the local executor runs its next task in this same process
 
 
-def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distributed.DistributedRun) -> None:
+class TrainingInterrupted(RuntimeError):
+    """Stopped by the warning signal after saving a checkpoint; the next attempt resumes from it."""
+
+
+def _hand_over_signal(config: StudyConfig, pair: Pair, stop: checkpointing.StopOnSignal, step: int) -> None:
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    resume_hint = f"`launch.py resubmit` resumes it from checkpoint-{step}"
+    if not stop.received:  # SIGTERM only: cancelled, or requeued from outside; nothing for us to requeue
+        raise TrainingInterrupted(f"{pair.label}: terminated at step {step} after saving checkpoint-{step}; a "
+                                  f"requeue or {resume_hint}")
+    if restarts >= config.finetune.max_requeues:
+        raise TrainingInterrupted(f"{pair.label}: stopped at step {step} by the warning signal after {restarts} "
+                                  f"requeues (finetune.max_requeues); {resume_hint}")
+    log.warning("%s: checkpoint-%d saved; handing the signal to the scheduler to requeue (%d of %d requeues used)",
+                pair.label, step, restarts, config.finetune.max_requeues)
+    stop.hand_over()  # under submitit, rank 0 requeues the job here and exits
+    raise TrainingInterrupted(f"{pair.label}: stopped at step {step} by the warning signal; {resume_hint}")
+
+
+def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distributed.DistributedRun,
+              stop: checkpointing.StopOnSignal) -> None:
     paths = StudyPaths(config)
     tune = config.finetune
     started = _now()
@@ -144,9 +169,15 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
                 weight_decay=defaults.weight_decay),
             where=f"configs/deepspeed/{run_info.deepspeed}.yaml")
 
-    scratch = out_dir / SCRATCH
+    # ---- resume: the newest checkpoint whose marker checks out and that this same recipe wrote ----------
+    checkpoints = out_dir / checkpointing.CHECKPOINTS
+    resume_key = checkpointing.recipe_key(tune, world_size, model_path, config.data.train_path, bool(packing))
+    resume = distributed.from_rank0(
+        lambda: checkpointing.choose_resume(checkpoints, resume_key) if rank == 0 else None)
+    resumed_step = checkpointing.step_of(resume)
+
     args = TrainingArguments(
-        output_dir=str(scratch),
+        output_dir=str(checkpoints),
         per_device_train_batch_size=1 if packing else tune.micro_batch_size,  # packed: one row per micro-batch
         per_device_eval_batch_size=1 if packing else tune.micro_batch_size,
         gradient_accumulation_steps=accumulation,
@@ -157,7 +188,9 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         logging_steps=tune.logging_steps,
         eval_strategy="steps" if val_set else "no",
         eval_steps=tune.eval_steps if val_set else None,
-        save_strategy="no",
+        save_strategy="steps" if tune.checkpoint_steps else "no",
+        save_steps=tune.checkpoint_steps or None,
+        save_total_limit=2,  # the newest may be the one a crash broke; the one before it is then resumed from
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
@@ -173,6 +206,12 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         disable_tqdm=True,  # progress goes to our log, one line per logging step
     )
     progress = LogLines(pair.label, out_dir / "progress.json" if rank == 0 else None)
+    if resume:
+        progress.restore(checkpointing.read_log_lines(resume))
+        progress.lines.append(f"resumed from {resume.name} (SLURM restart count "
+                              f"{os.environ.get('SLURM_RESTART_COUNT', '0')})")
+        log.info("%s: resuming from %s", pair.label, resume)
+    marker = checkpointing.CheckpointMarker(checkpoints, rank == 0, lambda: {**progress.state(), "key": resume_key})
     trainer_class, extra = (Trainer, {}) if packing is None else (PackedTrainer, {"packing": packing})
     trainer = trainer_class(
         model=model,
@@ -181,31 +220,33 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         eval_dataset=val_set or None,
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
-        callbacks=[progress],
+        callbacks=[progress, marker, stop],
         **extra,
     )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for print(); LogLines logs instead
 
     # ---- train ----------------------------------------------------------------------------------
-    try:
-        result = trainer.train()
-    finally:
-        if rank == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        _hand_over_signal(config, pair, stop, trainer.state.global_step)
     if trainer.state.max_steps != total_steps:
         log.warning("%s: Trainer ran %d optimizer steps, planned %d", pair.label, trainer.state.max_steps, total_steps)
-    runtime = result.metrics["train_runtime"]
+    runtime = result.metrics["train_runtime"]  # this attempt's
     train_tokens = round(train_tokens_per_epoch * trainer.state.epoch)
+    steps_done = trainer.state.global_step
+    attempt_tokens = round(train_tokens * (steps_done - resumed_step) / steps_done) if steps_done else 0
     metrics = {
         "first_train_loss": progress.train_losses[0] if progress.train_losses else None,
         "last_train_loss": progress.train_losses[-1] if progress.train_losses else None,
-        "mean_train_loss": result.training_loss,
+        # The Trainer's mean only covers the steps since a resume; the logged losses cover the whole run.
+        "mean_train_loss": result.training_loss if not resume else
+        sum(progress.train_losses) / len(progress.train_losses) if progress.train_losses else None,
         "last_eval_loss": progress.eval_losses[-1] if progress.eval_losses else None,
         "optimizer_steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "train_runtime_s": runtime,  # the Trainer's, evaluations during training included
         "train_tokens": train_tokens,
-        "train_tokens_per_s": train_tokens / runtime if runtime else None,
+        "train_tokens_per_s": attempt_tokens / runtime if runtime else None,  # this attempt's steps and time
     }
     # ZeRO-3 shards parameters: gather the LoRA weights (on every rank: it is collective) to read and save them.
     lora_parameters = [param for name, param in model.named_parameters() if "lora_" in name]
@@ -245,6 +286,10 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
             "deepspeed": run_info.deepspeed or "none",
             "deepspeed_config": deepspeed_config,
             "process_group_backend": run_info.backend,
+            "checkpoint_steps": tune.checkpoint_steps,
+            "checkpoint_minutes": tune.checkpoint_minutes,
+            "resumed_from_step": resumed_step,
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
         },
         "base_model": {"path": str(model_path), "format": model_format},
         "train_path": str(config.data.train_path),
@@ -259,6 +304,8 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     atomic_write_json(out_dir / CONFIG_FILE, record)
     atomic_write_text(out_dir / LOG_FILE, "\n".join(progress.lines) + "\n")
     mark_done(out_dir, [*ADAPTER_FILES, CONFIG_FILE, LOG_FILE])
+    if not tune.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # only a resume needs them, and the adapter is done
     log.info("%s: adapter and records saved in %s", pair.label, out_dir)
 
 
@@ -321,6 +368,18 @@ class LogLines(TrainerCallback):
         self.lines: list[str] = []
         self.train_losses: list[float] = []
         self.eval_losses: list[float] = []
+        self.first_step = 0  # a resumed run's ETA counts only the steps this attempt has done
+
+    def state(self) -> dict[str, list]:
+        return {"lines": self.lines, "train_losses": self.train_losses, "eval_losses": self.eval_losses}
+
+    def restore(self, saved: dict[str, list]) -> None:
+        self.lines = list(saved.get("lines", []))
+        self.train_losses = [float(value) for value in saved.get("train_losses", [])]
+        self.eval_losses = [float(value) for value in saved.get("eval_losses", [])]
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started, self.first_step = time.monotonic(), state.global_step
 
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, float] | None = None,
                **kwargs: Any) -> None:
@@ -339,10 +398,11 @@ class LogLines(TrainerCallback):
         if self.progress_file is not None and state.global_step:
             elapsed = time.monotonic() - self.started
             remaining = max(state.max_steps - state.global_step, 0)
+            done_here = max(state.global_step - self.first_step, 1)
             atomic_write_json(self.progress_file, {
                 "step": state.global_step, "total": state.max_steps,
                 "loss": self.train_losses[-1] if self.train_losses else None,
-                "eta_s": round(elapsed / state.global_step * remaining, 1), "updated_at": _now()})
+                "eta_s": round(elapsed / done_here * remaining, 1), "updated_at": _now()})
 
 
 def git_sha() -> str | None:

@@ -1,0 +1,176 @@
+"""A finetune that dies resumes from its last good checkpoint and ends where an uninterrupted run ends.
+
+Real Trainer, real tiny Llama, real checkpoint files on disk; the faults are injected at a chosen
+optimizer step: an exception (a crash after a checkpoint), SLURM's warning signal sent to this process,
+and a truncated newest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.state import is_done
+from jobs.study import StudyPaths
+from tests.test_finetune import PAIR, tiny_study
+from workers import checkpointing, finetune
+
+# 58 training rows, 8 per step: 8 steps per epoch, 16 in all; a checkpoint every 3 steps.
+SETTINGS = ("finetune.micro_batch_size=4", "finetune.checkpoint_steps=3", "finetune.logging_steps=1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class InjectedCrash(RuntimeError):
+    pass
+
+
+def inject_at(monkeypatch: pytest.MonkeyPatch, step: int, fault: str) -> None:
+    """At the end of optimizer ``step``: raise (a crash) or send this process the warning signal or SIGTERM."""
+    original = checkpointing.StopOnSignal.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step and fault in ("signal", "term"):
+            os.kill(os.getpid(), signal.SIGUSR2 if fault == "signal" else signal.SIGTERM)
+        original(self, args, state, control, **kwargs)
+        if state.global_step == step and fault == "crash":
+            raise InjectedCrash(f"injected crash after step {step}")
+
+    monkeypatch.setattr(checkpointing.StopOnSignal, "on_step_end", on_step_end)
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def record(folder: Path) -> dict:
+    return json.loads((folder / "finetuning_config.json").read_text())
+
+
+@pytest.fixture(scope="module", params=["off", "on"], ids=["padded", "packed"])
+def uninterrupted(request, tmp_path_factory: pytest.TempPathFactory):
+    config = tiny_study(tmp_path_factory.mktemp("whole"), *SETTINGS, f"finetune.packing={request.param}")
+    finetune.run(config, PAIR)
+    return request.param, StudyPaths(config).finetuned_dir(PAIR)
+
+
+def assert_same_run(resumed: Path, whole: Path) -> None:
+    expected, got = adapter(whole), adapter(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    whole_log = (whole / "training_log.txt").read_text().splitlines()
+    resumed_log = [line for line in (resumed / "training_log.txt").read_text().splitlines()
+                   if not line.startswith("resumed from")]
+    loss_lines = lambda lines: [line for line in lines if " loss " in line]  # noqa: E731
+    assert len(loss_lines(resumed_log)) == len(loss_lines(whole_log)) == 16  # the whole run's log, nothing twice
+    assert record(resumed)["metrics"]["optimizer_steps"] == record(whole)["metrics"]["optimizer_steps"] == 16
+
+
+def test_crash_resumes_from_the_last_checkpoint(uninterrupted, tmp_path: Path, monkeypatch) -> None:
+    packing, whole = uninterrupted
+    config = tiny_study(tmp_path, *SETTINGS, f"finetune.packing={packing}")
+    folder = StudyPaths(config).finetuned_dir(PAIR)
+    with monkeypatch.context() as patch:
+        inject_at(patch, 7, "crash")
+        with pytest.raises(InjectedCrash):
+            finetune.run(config, PAIR)
+    assert not is_done(folder)
+    saved = [step for step, _ in checkpointing.checkpoint_steps(folder / checkpointing.CHECKPOINTS)]
+    assert saved == [6, 3]  # save_total_limit 2: the newest two, each with its marker
+    finetune.run(config, PAIR)
+    assert is_done(folder, verify_checksums=True)
+    assert record(folder)["derived"]["resumed_from_step"] == 6  # step 7 is the only step redone
+    assert "resumed from checkpoint-6" in (folder / "training_log.txt").read_text()
+    assert not (folder / checkpointing.CHECKPOINTS).exists()  # removed once the adapter is done
+    assert_same_run(folder, whole)
+
+
+def test_warning_signal_saves_at_the_step_end_and_stops(uninterrupted, tmp_path: Path, monkeypatch) -> None:
+    packing, whole = uninterrupted
+    if packing == "on":
+        pytest.skip("the signal path does not depend on the batch layout; one layout is enough")
+    config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off")
+    folder = StudyPaths(config).finetuned_dir(PAIR)
+    with monkeypatch.context() as patch:
+        inject_at(patch, 5, "signal")  # between the periodic checkpoints 3 and 6
+        with pytest.raises(finetune.TrainingInterrupted, match="step 5"):
+            finetune.run(config, PAIR)
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # our handlers are gone again
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    newest = checkpointing.latest_valid_checkpoint(folder / checkpointing.CHECKPOINTS)
+    assert newest is not None and newest.name == "checkpoint-5"  # no step lost
+    finetune.run(config, PAIR)
+    assert record(folder)["derived"]["resumed_from_step"] == 5
+    assert_same_run(folder, whole)
+
+
+def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path: Path, monkeypatch) -> None:
+    packing, whole = uninterrupted
+    if packing == "on":
+        pytest.skip("checkpoint validation does not depend on the batch layout")
+    config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off")
+    folder = StudyPaths(config).finetuned_dir(PAIR)
+    with monkeypatch.context() as patch:
+        inject_at(patch, 7, "crash")
+        with pytest.raises(InjectedCrash):
+            finetune.run(config, PAIR)
+    newest = folder / checkpointing.CHECKPOINTS / "checkpoint-6"
+    optimizer = newest / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])  # a half-written file
+    assert "bytes" in checkpointing.marker_problem(newest)
+    finetune.run(config, PAIR)
+    assert record(folder)["derived"]["resumed_from_step"] == 3
+    assert_same_run(folder, whole)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path: Path, monkeypatch) -> None:
+    config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off", "finetune.max_steps=4")
+    folder = StudyPaths(config).finetuned_dir(PAIR)
+    with monkeypatch.context() as patch:
+        inject_at(patch, 4, "crash")
+        with pytest.raises(InjectedCrash):
+            finetune.run(config, PAIR)
+    changed = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off", "finetune.max_steps=4",
+                         "finetune.learning_rate=1e-3")
+    finetune.run(changed, PAIR)
+    assert record(folder)["derived"]["resumed_from_step"] == 0
+    assert record(folder)["settings"]["learning_rate"] == 1e-3
+
+
+def test_time_based_checkpoints_without_a_step_interval(tmp_path: Path, monkeypatch) -> None:
+    """finetune.checkpoint_minutes alone: a save whenever that much time has passed (here: every step)."""
+    config = tiny_study(tmp_path, "finetune.micro_batch_size=4", "finetune.logging_steps=1", "finetune.packing=off",
+                        "finetune.checkpoint_steps=0", "finetune.checkpoint_minutes=0.00001")
+    folder = StudyPaths(config).finetuned_dir(PAIR)
+    with monkeypatch.context() as patch:
+        inject_at(patch, 5, "crash")  # raised before step 5's own save
+        with pytest.raises(InjectedCrash):
+            finetune.run(config, PAIR)
+    saved = [step for step, _ in checkpointing.checkpoint_steps(folder / checkpointing.CHECKPOINTS)]
+    assert saved == [4, 3]
+    assert all(checkpointing.marker_problem(path) is None
+               for _, path in checkpointing.checkpoint_steps(folder / checkpointing.CHECKPOINTS))
+
+
+def test_sigterm_saves_at_the_step_end_and_stops_without_requeue(tmp_path: Path, monkeypatch) -> None:
+    """scancel or a requeue from outside sends SIGTERM first: the steps since the last checkpoint are kept."""
+    config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off")
+    folder = StudyPaths(config).finetuned_dir(PAIR)
+    with monkeypatch.context() as patch:
+        inject_at(patch, 4, "term")
+        with pytest.raises(finetune.TrainingInterrupted, match="terminated at step 4"):
+            finetune.run(config, PAIR)
+    newest = checkpointing.latest_valid_checkpoint(folder / checkpointing.CHECKPOINTS)
+    assert newest is not None and newest.name == "checkpoint-4"
