@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -94,6 +95,14 @@ class FinetuneSettings:
     # DeepSpeed ZeRO config from configs/deepspeed/ (zero2, zero3, zero3_offload) or none. auto: zero2 on GPUs or
     # with several ranks, none for one CPU process (nothing to shard; DeepSpeed would only slow the demo's start).
     deepspeed: str = "auto"
+    # Minutes between resumable checkpoints (adapter, optimizer, scheduler, RNG, data position) in
+    # <finetuned>/checkpoints/; a crash, preemption or time limit redoes at most this much work. 0: none.
+    checkpoint_minutes: float = 10.0
+    checkpoint_steps: int = 0  # > 0: also a checkpoint every this many optimizer steps
+    keep_checkpoints: bool = False  # false: delete the checkpoints once the adapter is saved and marked done
+    # Times a finetune may requeue itself after SLURM's warning signal (preemption or time limit) before it
+    # fails and waits for `launch.py resubmit`.
+    max_requeues: int = 3
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,10 @@ class EvaluateSettings:
     ppl_batch_size: int = 8  # perplexity windows per forward pass
     ppl_add_bos: bool = False  # false: one BOS at the start of the text, as LLM-Pruner; true: BOS in every window
     tasks: tuple[str, ...] = ZERO_SHOT_TASKS  # lm-eval zero-shot tasks
-    batch_size: int = 16  # lm-eval batch size
+    batch_size: int = 16  # lm-eval batch size: rows per pass for hf (prunetune fills each pass with up to 16k tokens)
+    # Who scores lm-eval's loglikelihood requests: prunetune (workers/fast_lm.py: each shared context computed once,
+    # LM head only where read; the same numbers as hf up to float rounding) or hf (lm-eval's own HFLM).
+    backend: str = "prunetune"
     limit: int = 0  # > 0 evaluates only the first N documents of each task (smoke runs)
     precision: str = "auto"  # auto: bf16 where the GPU has it, else fp32; or bf16, fp16, fp32
     # Merge the LoRA adapter into the weights before evaluating (faster); false evaluates it through peft, unmerged.
@@ -146,6 +158,9 @@ class ExecutorSettings:
     array_parallelism: int = 12  # SLURM's %N cap on concurrently running tasks of one array
     local_workers: int = 2  # processes the local executor runs tasks in
     slurm_template: str = "slurm_templates/default.yaml"  # the cluster's preset: set-up lines and per-stage resources
+    # Seconds before the time limit at which SLURM sends USR2, so a finetune checkpoints and requeues itself.
+    # SLURM may send it up to 60 s early; keep it well under resources.*.time_min for short test limits.
+    signal_delay_s: int = 120
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,7 @@ CHOICES = {
     "finetune.prompt_template": ("alpaca",),
     "finetune.packing": ("auto", "on", "off"),
     "data.eval_source": ("local_files", "hub_mirror", "hf_cache"),
+    "evaluate.backend": ("prunetune", "hf"),
     "finetune.deepspeed": DEEPSPEED_CHOICES,
 }
 ELEMENT_CHOICES = {
@@ -175,6 +191,10 @@ ELEMENT_CHOICES = {
     "evaluate.tasks": ZERO_SHOT_TASKS,
     "evaluate.ppl_datasets": PPL_DATASETS,
 }
+
+
+# Partition, account and qos names as SLURM spells them (a comma separates alternatives).
+SLURM_NAME = re.compile(r"^[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*$")
 
 
 def did_you_mean(name: str, valid: typing.Iterable[str]) -> str:
@@ -329,6 +349,10 @@ def _check_semantics(config: StudyConfig) -> list[str]:
         problems.append(f"finetune.batch_size {tune.batch_size} is not a multiple of finetune.micro_batch_size x "
                         f"ranks ({tune.micro_batch_size} x {finetune_ranks}, ranks = resources.finetune.nodes x "
                         "gpus_per_node); pick sizes that divide, so every optimizer step sees batch_size sequences")
+    for dotted in ("finetune.checkpoint_steps", "finetune.checkpoint_minutes", "finetune.max_requeues",
+                   "executor.signal_delay_s"):
+        if _get(config, dotted) < 0:
+            problems.append(f"{dotted}: must be 0 or more, got {_get(config, dotted)}")
     if not 0 <= tune.lora_dropout < 1:
         problems.append(f"finetune.lora_dropout: must be in [0, 1), got {tune.lora_dropout}")
     if tune.learning_rate <= 0 or tune.num_epochs <= 0:
@@ -337,6 +361,11 @@ def _check_semantics(config: StudyConfig) -> list[str]:
         resources: StageResources = getattr(config.resources, stage)
         if resources.nodes < 1 or resources.gpus_per_node < 0 or resources.time_min < 1:
             problems.append(f"resources.{stage}: nodes >= 1, gpus_per_node >= 0 and time_min >= 1 are required")
+        for key in ("partition", "account", "qos"):  # each becomes an #SBATCH line: a newline there would add lines
+            value = getattr(resources, key)
+            if value and not SLURM_NAME.match(value):
+                problems.append(f"resources.{stage}.{key}: {value!r} is not a SLURM name (letters, digits, . _ - "
+                                "only; commas between alternatives)")
     if not config.study.models or not config.study.pruning_configs:
         problems.append("study.models and study.pruning_configs must each name at least one entry")
     if config.data.eval_source == "hub_mirror" and not config.data.hub_mirror_dir:

@@ -1,6 +1,7 @@
 """status, resubmit and cancel for a study submitted to SLURM (read from its manifest).
 
-One poll is one sacct call for every array of the study. What counts as finished comes from the
+One poll is one sacct call for every array of the study (``--duplicates``: every run of a task SLURM
+requeued, e.g. after a NODE_FAIL; the newest run is the task's state). What counts as finished comes from the
 results tree (done markers), not from SLURM alone: a COMPLETED task whose outputs are missing is
 shown as "incomplete" and resubmitted like a failure.
 """
@@ -41,6 +42,18 @@ class Row:
     nodes: str = ""
     log: str = ""
     progress: str = ""
+    restarts: int = 0  # runs of this task before the newest that SLURM requeued (same task id, same attempt)
+    requeued_after: str = ""  # how the run before the newest ended (NODE_FAIL, PREEMPTED, REQUEUED, ...)
+
+    @property
+    def state_text(self) -> str:
+        """The state, plus how SLURM requeued the task when it did: ``PENDING (requeued after NODE_FAIL)``."""
+        if not self.restarts:
+            return self.state
+        cause = "" if self.requeued_after == "REQUEUED" else f" after {self.requeued_after}"
+        if self.active:
+            return f"{self.state} (requeued{cause})"
+        return f"{self.state} ({self.restarts} requeue{'s' if self.restarts > 1 else ''})"
 
 
 def output_dir(paths: StudyPaths, pair: Pair, stage: str) -> Path:
@@ -66,6 +79,11 @@ def collect(manifest: Manifest, config: StudyConfig) -> tuple[list[Row], str]:
             continue
         array, task_index, attempt = entry
         task = states.get((array.job_id, task_index))
+        meta = states.get((array.job_id, None))
+        if task is None and meta is not None and meta.state in slurm.ACTIVE_STATES:
+            # For about a second after submission sacct knows only the array's own record ("123|PENDING"), not
+            # its tasks, although they may be running already; that is not a cancelled task.
+            task = meta
         if task is None:
             # A pending array task cancelled (by scancel or a failed dependency) leaves no record.
             # Neither sacct nor squeue knows it: it is not queued or running, and only a task cancelled
@@ -78,7 +96,8 @@ def collect(manifest: Manifest, config: StudyConfig) -> tuple[list[Row], str]:
         progress = read_progress(paths, pair) if pair and stage == "finetune" and state == "RUNNING" else ""
         rows.append(Row(index, pair, stage, state, done, task.state in slurm.ACTIVE_STATES,
                         slurm.task_id(array.job_id, task_index), attempt, task.elapsed, task.exit_code, task.nodes,
-                        str(slurm.log_path(config, array.job_id, task_index)), progress))
+                        str(slurm.log_path(config, array.job_id, task_index)), progress, task.restarts,
+                        task.requeued_after))
     return rows, source
 
 
@@ -96,14 +115,17 @@ def read_progress(paths: StudyPaths, pair: Pair) -> str:
 
 
 def render(rows: list[Row], source: str) -> str:
-    header = f"{'#':>3} {'pair':<28} {'stage':<19} {'state':<14} {'task':<12} {'try':>3} {'elapsed':>10} " \
-             f"{'exit':<5} {'node':<10} progress / log"
+    # A multi-node task's node list (sacct's compressed form, e.g. gpu[03-04,07]) can be long: widen, never cut.
+    width = max([10, *(len(row.nodes) for row in rows)])
+    state_width = max([14, *(len(row.state_text) for row in rows)])
+    header = f"{'#':>3} {'pair':<28} {'stage':<19} {'state':<{state_width}} {'task':<12} {'try':>3} {'elapsed':>10} " \
+             f"{'exit':<5} {'nodes':<{width}} progress / log"
     lines = [header, "-" * len(header)]
     for row in rows:
         label = row.pair.label if row.pair else "(study)"
         detail = row.progress or (row.log if row.task else "")
-        lines.append(f"{row.index:>3} {label:<28} {row.stage:<19} {row.state:<14} {row.task:<12} "
-                     f"{row.attempt or '':>3} {row.elapsed:>10} {row.exit_code:<5} {row.nodes:<10} {detail}")
+        lines.append(f"{row.index:>3} {label:<28} {row.stage:<19} {row.state_text:<{state_width}} {row.task:<12} "
+                     f"{row.attempt or '':>3} {row.elapsed:>10} {row.exit_code:<5} {row.nodes:<{width}} {detail}")
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.state] = counts.get(row.state, 0) + 1
@@ -151,16 +173,21 @@ def resubmit(results_root: str, indices: list[int] | None, stage: str, dry_run: 
     else:
         chosen = [index for index, pair_rows in by_pair.items()
                   if any(needs_rerun(row) for row in pair_rows if row.stage in stages)]
-    busy = [index for index in chosen if any(row.active for row in by_pair[index])]
+    # A task SLURM requeued is queued again under its own id: resubmitting it would make a second writer. sacct's
+    # newest record says so once accounting has the new run; the controller (one squeue) knows at once.
+    queued = slurm.queued_tasks(manifest.job_ids())
+    # Dependents of failed tasks that SLURM left waiting forever (clusters without kill_invalid_depend): cancelled
+    # below, so they do not keep their pair busy.
+    stuck = [task for task, (state, reason) in queued.items()
+             if state == "PENDING" and "DependencyNeverSatisfied" in reason]
+    busy = [index for index in chosen
+            if any((row.active or row.task in queued) and row.task not in stuck for row in by_pair[index])]
     if busy:
         log.warning("not resubmitting pairs still queued or running: %s", ", ".join(map(str, busy)))
     chosen = [index for index in chosen if index not in busy]
     if not chosen:
         print("nothing to resubmit: every pair is complete, queued or running")
         return 0
-    # Dependents of failed tasks that SLURM left waiting forever (clusters without kill_invalid_depend).
-    stuck = [task for task, reason in slurm.pending_reasons(manifest.job_ids()).items()
-             if "DependencyNeverSatisfied" in reason]
     if stuck and not dry_run:
         slurm.cancel(stuck)
         log.info("cancelled %d task(s) whose dependency can never be satisfied: %s", len(stuck), " ".join(stuck))

@@ -7,10 +7,12 @@ fails), because schedulers ban tools that poll per task.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,8 @@ FAILED_STATES = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "CANCELLED",
                  "DEADLINE", "REVOKED"}
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "COMPLETING", "CONFIGURING",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
-SACCT_FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "NodeList", "Start", "End")
+# Submit orders the runs of a requeued task: SLURM stamps each requeued run with a new submit time.
+SACCT_FIELDS = ("JobID", "State", "ExitCode", "Elapsed", "NodeList", "Start", "End", "Submit")
 
 
 class SlurmError(UserError):
@@ -50,6 +53,8 @@ class TaskState:
     exit_code: str = ""
     elapsed: str = ""
     nodes: str = ""
+    restarts: int = 0  # earlier runs of the same task id that SLURM requeued (NODE_FAIL, preemption, ...)
+    requeued_after: str = ""  # how the run before this one ended, when restarts > 0
 
 
 def make_executor(config: StudyConfig, array: TaskArray, dependency: str):
@@ -57,7 +62,10 @@ def make_executor(config: StudyConfig, array: TaskArray, dependency: str):
     import submitit
 
     resources = array.resources
-    executor = submitit.SlurmExecutor(folder=str(StudyPaths(config).logs_dir() / "submitit" / "%j"))
+    # max_num_timeout bounds submitit's requeues after time-outs; workers/finetune.py bounds preemptions alike.
+    # python: submitit writes it into the job's command line as is; quoted, a venv path with spaces still works.
+    executor = submitit.SlurmExecutor(folder=str(StudyPaths(config).logs_dir() / "submitit" / "%j"),
+                                      max_num_timeout=config.finetune.max_requeues, python=shlex.quote(sys.executable))
     optional = {key: value for key, value in (("partition", resources.partition), ("account", resources.account),
                                               ("qos", resources.qos)) if value}
     if resources.gpus_per_node:
@@ -69,8 +77,22 @@ def make_executor(config: StudyConfig, array: TaskArray, dependency: str):
         ntasks_per_node=ranks_per_node,
         cpus_per_task=resources.cpus_per_task, mem=f"{resources.mem_gb}GB",
         array_parallelism=config.executor.array_parallelism, setup=setup_lines(config),
-        additional_parameters={"dependency": dependency} if dependency else {}, **optional)
+        signal_delay_s=config.executor.signal_delay_s,
+        additional_parameters=submission_flags(dependency), **optional)
     return executor
+
+
+def submission_flags(dependency: str) -> dict[str, object]:
+    """sbatch flags submitit has no parameter for: the dependency.
+
+    Jobs stay requeueable (SLURM's default): a finetune requeues itself on the warning signal (preemption,
+    time limit) and resumes from its checkpoint, a preempting scheduler with PreemptMode=REQUEUE can put it
+    back in the queue instead of cancelling it, and after a NODE_FAIL SLURM requeues the same task, which
+    resumes from its last checkpoint. One writer is kept because ``resubmit`` only reruns tasks whose newest
+    record is a final failure: a task SLURM requeued is PENDING or RUNNING again, never resubmitted beside it.
+    (``--no-requeue`` would turn every preemption into a cancellation.)
+    """
+    return {"dependency": dependency} if dependency else {}
 
 
 def render_dependency(array: TaskArray, submitted: dict[str, SubmittedArray], plan: Plan) -> str:
@@ -88,7 +110,7 @@ def render_dependency(array: TaskArray, submitted: dict[str, SubmittedArray], pl
 
 def submit_plan(config: StudyConfig, plan: Plan, dry_run: bool = False) -> list[SubmittedArray]:
     """Submit every array in plan order, chaining dependencies by job id; or render them (dry run)."""
-    from workers.entry import run_task  # import-light: the worker modules load inside the job
+    from workers.entry import TaskRunner  # import-light: the worker modules load inside the job
 
     submitted: dict[str, SubmittedArray] = {}
     dry_run_dir = StudyPaths(config).logs_dir() / "dry_run"
@@ -106,7 +128,7 @@ def submit_plan(config: StudyConfig, plan: Plan, dry_run: bool = False) -> list[
                                                    tuple(dependency.split(",")) if dependency else (), str(path))
             continue
         try:
-            jobs = executor.map_array(run_task, array.tasks(config))
+            jobs = executor.map_array(TaskRunner(), array.tasks(config))
         except Exception as error:  # submitit raises FailedSubmissionError with sbatch's message
             raise SlurmError(f"submitting {array.name} failed: {str(error).strip().splitlines()[-1]}") from error
         job_id = jobs[0].job_id.split("_")[0]
@@ -156,26 +178,40 @@ _TASK_ID = re.compile(r"^(?P<job>\d+)(?:_(?P<index>\d+)|_\[(?P<ranges>[^\]]+)\])
 
 
 def parse_sacct(text: str) -> dict[tuple[str, int | None], TaskState]:
-    """``sacct -X -n -P`` lines -> {(array job id, index or None for a plain job): state}.
+    """``sacct -X -n -P --duplicates`` lines -> {(array job id, index or None for a plain job): newest run}.
 
-    A pending array shows as one line ``123_[2-11%4]``: every index in its ranges is PENDING.
+    A pending array shows as one line ``123_[2-11%4]``: every index in its ranges is PENDING. A task SLURM
+    requeued (after NODE_FAIL, a preemption, or its own requeue on the warning signal) keeps its id and has
+    one line per run: the newest (latest Submit, then the later line) is its state, so a task requeued after
+    NODE_FAIL is PENDING or RUNNING, not failed. ``restarts`` counts the runs before it.
     """
-    states: dict[tuple[str, int | None], TaskState] = {}
-    for line in text.splitlines():
+    runs: dict[tuple[str, int | None], list[tuple[str, int, TaskState]]] = {}
+    from_ranges: dict[tuple[str, int | None], tuple[str, int, TaskState]] = {}
+    for order, line in enumerate(text.splitlines()):
         fields = line.split("|")
-        if len(fields) < len(SACCT_FIELDS):
+        if len(fields) < 5:
             continue
         job_id, state, exit_code, elapsed, nodes = fields[:5]
+        submit = fields[7].strip() if len(fields) > 7 else ""
         match = _TASK_ID.match(job_id.strip())
         if not match:
             continue
-        task = TaskState(state.split()[0] if state else "UNKNOWN", exit_code, elapsed,
-                         "" if nodes in ("None assigned", "") else nodes)
+        run = (submit, order, TaskState(state.split()[0] if state else "UNKNOWN", exit_code, elapsed,
+                                        "" if nodes in ("None assigned", "") else nodes))
         if match["ranges"]:
             for index in expand_ranges(match["ranges"]):
-                states[(match["job"], index)] = task
+                from_ranges[(match["job"], index)] = run
         else:
-            states[(match["job"], int(match["index"]) if match["index"] else None)] = task
+            runs.setdefault((match["job"], int(match["index"]) if match["index"] else None), []).append(run)
+    for key, run in from_ranges.items():  # an index with a record of its own has left the pending range
+        runs.setdefault(key, [run])
+    states = {}
+    for key, found in runs.items():
+        found.sort(key=lambda run: (run[0], run[1]))
+        newest = found[-1][2]
+        if len(found) > 1:
+            newest = dataclasses.replace(newest, restarts=len(found) - 1, requeued_after=found[-2][2].state)
+        states[key] = newest
     return states
 
 
@@ -188,7 +224,8 @@ def expand_ranges(text: str) -> list[int]:
 
 
 def query_states(job_ids: list[str]) -> tuple[dict[tuple[str, int | None], TaskState], str]:
-    """States of every task of these arrays in one sacct call. Returns (states, source).
+    """States of every task of these arrays in one sacct call (every run of a requeued task: --duplicates).
+    Returns (states, source).
 
     Jobs sacct does not know yet (accounting lags the controller by a moment after submission) and
     every job when sacct fails are asked of squeue, which knows the queued and running ones.
@@ -196,7 +233,8 @@ def query_states(job_ids: list[str]) -> tuple[dict[tuple[str, int | None], TaskS
     if not job_ids:
         return {}, "none"
     try:
-        text = _run(["sacct", "-X", "-n", "-P", "--format=" + ",".join(SACCT_FIELDS), "-j", ",".join(job_ids)])
+        text = _run(["sacct", "-X", "-n", "-P", "--duplicates", "--format=" + ",".join(SACCT_FIELDS),
+                     "-j", ",".join(job_ids)])
         states, source = parse_sacct(text), "sacct"
     except SlurmError as error:
         log.warning("sacct failed (%s); falling back to squeue, which knows only queued and running tasks", error)
@@ -204,7 +242,7 @@ def query_states(job_ids: list[str]) -> tuple[dict[tuple[str, int | None], TaskS
     unknown = sorted(set(job_ids) - {job for job, _ in states})
     if unknown:
         try:
-            text = _run(["squeue", "-h", "-r", "-o", "%i|%T|-|%M|%N|-|-", "-j", ",".join(unknown)])
+            text = _run(["squeue", "-h", "-r", "-o", "%i|%T|-|%M|%N|-|-|%V", "-j", ",".join(unknown)])
             states.update(parse_sacct(text))
         except SlurmError as error:  # "Invalid job id": the controller has forgotten them too
             log.debug("squeue knows none of %s (%s)", unknown, error)
@@ -212,12 +250,27 @@ def query_states(job_ids: list[str]) -> tuple[dict[tuple[str, int | None], TaskS
     return states, source
 
 
-def pending_reasons(job_ids: list[str]) -> dict[str, str]:
-    """{task id: reason} of the pending tasks of these arrays (to find DependencyNeverSatisfied)."""
+def queued_tasks(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """{task id: (state, reason)} of the tasks of these arrays the controller still queues or runs.
+
+    ``resubmit`` asks this besides sacct: in the seconds between a NODE_FAIL and accounting's record of
+    SLURM's requeue, sacct's newest record is the NODE_FAIL, while the controller already has the task pending.
+    A COMPLETING task is left out: it has ended and only its clean-up runs (a requeued one is PENDING at once).
+    """
     if not job_ids:
         return {}
-    text = _run(["squeue", "-h", "-r", "-t", "PD", "-o", "%i|%r", "-j", ",".join(job_ids)])
-    return dict(line.split("|", 1) for line in text.splitlines() if "|" in line)
+    try:
+        text = _run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(job_ids)])
+    except SlurmError as error:  # "Invalid job id": the controller has forgotten every one of them
+        log.debug("squeue knows none of %s (%s)", job_ids, error)
+        return {}
+    queued = {}
+    for line in text.splitlines():
+        task, _, rest = line.partition("|")
+        state, _, reason = rest.partition("|")
+        if task and state and state.strip() != "COMPLETING":
+            queued[task.strip()] = (state.strip(), reason.strip())
+    return queued
 
 
 def cancel(task_ids: list[str]) -> None:

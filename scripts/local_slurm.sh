@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# local_slurm.sh -- a REAL single-node Slurm cluster on loopback, for tests and CI.
+# local_slurm.sh -- a REAL Slurm cluster on this machine, for tests and CI: one node on loopback,
+# or several nodes, each a network namespace with its own slurmd, hostname and address.
 #
 # Usage
 #   bash scripts/local_slurm.sh install
@@ -7,6 +8,8 @@
 #   bash scripts/local_slurm.sh stop   [--state-dir DIR]
 #   bash scripts/local_slurm.sh status [--state-dir DIR]
 #   bash scripts/local_slurm.sh env    [--state-dir DIR]   # print the export line(s) only
+#   bash scripts/local_slurm.sh crash-node   node2 [--state-dir DIR]  # several nodes: SIGKILL the node
+#   bash scripts/local_slurm.sh restart-node node2 [--state-dir DIR]  # its slurmd again; waits until up
 #
 #   eval "$(bash scripts/local_slurm.sh start)"   # starts (or reuses) the cluster and
 #                                                 # exports SLURM_CONF in this shell
@@ -33,7 +36,8 @@
 #              every job state reads UNKNOWN.  The cluster registers itself on first
 #              contact, no sacctmgr needed.
 #   slurmctld  controller, SlurmctldHost=<hostname -s>(127.0.0.1)
-#   slurmd     one per node (today: one node named `hostname -s`, NodeAddr 127.0.0.1)
+#   slurmd     one per node: `--nodes 1`: one node named `hostname -s`, NodeAddr 127.0.0.1;
+#              `--nodes N`: node1..nodeN, see "Several nodes" below
 #   Logs: DIR/log/*.log   Pid files: DIR/run/*.pid   Configs: DIR/etc/*
 #
 # Client tools (sbatch, srun, squeue, sacct, scancel, scontrol, sinfo) work from any
@@ -61,7 +65,8 @@
 #                             dropped, regular files are rejected).  `--gpus-per-node=2`
 #                             works and jobs see CUDA_VISIBLE_DEVICES.
 #   LOCAL_SLURM_PORT_BASE=16817  slurmctld=BASE, slurmd=BASE+1, slurmdbd=BASE+2,
-#                                mariadb=BASE+3 (all on 127.0.0.1)
+#                                mariadb=BASE+3 (all on 127.0.0.1; with several nodes each
+#                                slurmd listens on BASE+1 of its own namespace)
 #   LOCAL_SLURM_STATE_DIR     default for --state-dir
 #   LOCAL_SLURM_TIMEOUT=60    seconds to wait for each daemon to come up
 # One partition `debug` (Default=YES, MaxTime=INFINITE) with all nodes.
@@ -90,16 +95,37 @@
 #   * submitit adds `--signal=USR2@90` by default; the signal reaches the job steps
 #     (Slurm may send it up to 60 s early, as its docs say).
 #   * `stop` cancels all jobs first (so no slurmstepd/job processes survive), then stops
-#     the daemons by pid file and kills leftovers that belong to this state dir.  The
+#     the daemons by pid file and kills leftovers that belong to this state dir (with several
+#     nodes, then removes the namespaces, veths and bridge).  The
 #     controller state and the database are kept in DIR, so job ids keep counting up
 #     across stop/start and sacct keeps its history.  `rm -rf DIR` after `stop` gives a
 #     completely fresh cluster.
 #
-# Growing to several nodes (planned: nodes in network namespaces): `--nodes N` exists
-# in the interface but only 1 is accepted today (exit 2 otherwise).  The node-specific
-# parts are isolated in node_names / node_addr / node_exec / write_node_lines /
-# write_gres_lines / start_slurmd, so more nodes means extending those (one slurmd per node, each with its
-# own address), not rewriting the rest.
+# Several nodes (`start --nodes N`, 2 <= N <= 64; the other commands read N from DIR/etc/nodes):
+#   * Network: a bridge ptbr<tag> with $SUBNET.1/24 on the host (LOCAL_SLURM_SUBNET, default 10.200.0),
+#     one veth pair per node whose peer sits in the network namespace pt<tag>-nodeI with address
+#     $SUBNET.(10+I); <tag> is a hash of DIR, so clusters of other state dirs keep their own names.
+#     munged, MariaDB, slurmdbd and slurmctld stay on the host (SlurmctldHost=<hostname>($SUBNET.1),
+#     AccountingStorageHost=$SUBNET.1); munge works across namespaces through its socket file.
+#   * Each slurmd runs as `nsenter --net=/run/netns/pt<tag>-nodeI unshare --uts --mount sh -c "mount
+#     --bind DIR/etc/hosts /etc/hosts && hostname nodeI && exec slurmd -N nodeI"`.  Not `ip netns exec`:
+#     it remounts /sys and hides /sys/fs/cgroup ("Unable to initialize cgroup plugin").  The private
+#     hosts file (the controller and every node) resolves node names for slurmd and for the jobs
+#     (MASTER_ADDR=node1), and the machine's /etc/hosts is never changed.  Spool, pid and log files
+#     are per node (slurmd-%n).  Start-up takes 3-5 s.
+#   * Failure detection: MessageTimeout=2, SlurmdTimeout=4 (LOCAL_SLURM_MESSAGE_TIMEOUT,
+#     LOCAL_SLURM_SLURMD_TIMEOUT; one node keeps 5/30).  Detection is bounded by MessageTimeout more than
+#     by SlurmdTimeout: with these a crashed node is DOWN and its job NODE_FAIL after ~8-11 s (with
+#     10/10, 25-32 s).  ReturnToService=2: a restarted slurmd makes its node usable at once.
+#   * `crash-node NODE` SIGKILLs every process in the node's namespace (slurmd, slurmstepd and the job
+#     itself; killing slurmd alone would leave the job steps running).  The other nodes' part of a job
+#     is killed by slurmctld once the job is NODE_FAIL.  `restart-node NODE` starts its slurmd again.
+#   * `stop` also kills whatever still runs in the namespaces and deletes them, the veths and the bridge.
+#   * Requeue: nothing is set, so SLURM's defaults hold (JobRequeue=1, no RequeueExit): a batch job is
+#     requeueable.  When a node dies, slurmctld requeues its running batch jobs at once, under the same job
+#     id (`sacct --duplicates`: the NODE_FAIL record, then a new PENDING one ~2-4 s later, Submit = the
+#     requeue time); the job waits for cred_expire + 1 s and for nodes enough, then runs again with
+#     SLURM_RESTART_COUNT=1.  Only a job submitted with --no-requeue ends NODE_FAIL for good.
 #
 # Exit codes: 0 ok, 1 failure (the tail of the relevant log is printed; a failed
 # `start` stops whatever it had started), 2 usage error, 3 `status`: not (fully) running.
@@ -114,6 +140,7 @@ PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 
 STATE_DIR="${LOCAL_SLURM_STATE_DIR:-/tmp/prunetune-slurm}"
 NODES=1
+NODES_GIVEN=""
 CPUS="${LOCAL_SLURM_CPUS:-8}"
 MEM_MB="${LOCAL_SLURM_MEM_MB:-16000}"
 GPUS="${LOCAL_SLURM_GPUS:-4}"
@@ -123,13 +150,22 @@ CLUSTER_NAME="prunetune"
 PARTITION="debug"
 CTLD_HOST="$(hostname -s)"
 LOOPBACK="127.0.0.1"
+# Several nodes only: the bridge's /24 (the controller is .1, node i is .(10+i)) and the failure
+# detection timers (see the header).
+SUBNET="${LOCAL_SLURM_SUBNET:-10.200.0}"
+MULTI_SLURMD_TIMEOUT="${LOCAL_SLURM_SLURMD_TIMEOUT:-4}"
+MULTI_MESSAGE_TIMEOUT="${LOCAL_SLURM_MESSAGE_TIMEOUT:-2}"
 
 log() { printf '[local_slurm] %s\n' "$*" >&2; }
 now_ms() { local t; t="$(date +%s%N)"; printf '%s\n' "$((t / 1000000))"; }
 T0_MS="$(now_ms)"
 step() { local t; t="$(now_ms)"; log "$(printf '%6.2fs' "$((t - T0_MS))e-3") $*"; }
 die() { log "ERROR: $*"; exit 1; }
-usage_error() { log "$*"; log "usage: $0 {install|start|stop|status|env} [--nodes N] [--state-dir DIR]"; exit 2; }
+usage_error() {
+  log "$*"
+  log "usage: $0 {install|start|stop|status|env|crash-node NODE|restart-node NODE} [--nodes N] [--state-dir DIR]"
+  exit 2
+}
 
 # Derive every path from STATE_DIR (called after argument parsing).
 set_paths() {
@@ -153,6 +189,13 @@ set_paths() {
   PORT_SLURMD=$((PORT_BASE + 1))
   PORT_DBD=$((PORT_BASE + 2))
   PORT_MYSQL=$((PORT_BASE + 3))
+  HOSTS_FILE="$ETC/hosts"
+  # Network names are global to the machine: a tag from the state dir keeps two clusters apart, and
+  # keeps interface names within Linux's 15 characters.
+  NET_TAG="$(printf '%s' "$STATE_DIR" | md5sum | cut -c1-6)"
+  BRIDGE="ptbr$NET_TAG"
+  CTLD_ADDR="$LOOPBACK"
+  ((NODES == 1)) || CTLD_ADDR="$SUBNET.1"
   # A unix socket path must fit in sun_path (108 bytes incl. NUL).
   if ((${#MYSQL_SOCKET} > 100)); then
     usage_error "state dir path too long for a unix socket: $MYSQL_SOCKET"
@@ -279,12 +322,71 @@ node_names() { # one node name per line
 }
 
 node_addr() { # node_addr NODE -> the address slurmctld uses to reach its slurmd
-  printf '%s\n' "$LOOPBACK"
+  if ((NODES == 1)); then printf '%s\n' "$LOOPBACK"; else printf '%s.%d\n' "$SUBNET" "$((10 + ${1#node}))"; fi
 }
 
-node_exec() { # node_exec NODE CMD... -> run CMD "on" NODE (later: ip netns exec ...)
+node_netns() { printf 'pt%s-%s\n' "$NET_TAG" "$1"; } # the network namespace of NODE (several nodes)
+
+node_exec() { # node_exec NODE CMD... -> run CMD "on" NODE
+  local node="$1"
   shift
-  "$@"
+  if ((NODES == 1)); then
+    "$@"
+    return
+  fi
+  # Not `ip netns exec`: it remounts /sys, which hides /sys/fs/cgroup from slurmd ("Unable to initialize
+  # cgroup plugin").  nsenter joins only the network namespace; unshare gives the node its own hostname
+  # and a private mount namespace in which the cluster's hosts file covers /etc/hosts, so node names
+  # resolve for slurmd and for its jobs (MASTER_ADDR=node1) without touching the machine's /etc/hosts.
+  nsenter --net="/run/netns/$(node_netns "$node")" unshare --uts --mount \
+    sh -c 'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"' sh "$HOSTS_FILE" "$node" "$@"
+}
+
+node_known() { # node_known NODE -> 0 if NODE is one of this cluster's nodes
+  local n
+  while read -r n; do [[ "$n" == "$1" ]] && return 0; done < <(node_names)
+  return 1
+}
+
+net_up() { # bridge + one veth pair and network namespace per node (several nodes only)
+  ((NODES > 1)) || return 0
+  local n ns host_if peer_if
+  net_down
+  if ip -o -4 addr show | grep -qF " $CTLD_ADDR/"; then
+    die "address $CTLD_ADDR is already in use (another multi-node cluster?); stop it or set LOCAL_SLURM_SUBNET"
+  fi
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  while read -r n; do
+    ns="$(node_netns "$n")" host_if="pv${NET_TAG}h${n#node}" peer_if="pv${NET_TAG}p${n#node}"
+    ip netns add "$ns"
+    ip link add "$host_if" type veth peer name "$peer_if"
+    ip link set "$host_if" master "$BRIDGE" up
+    ip link set "$peer_if" netns "$ns"
+    ip -n "$ns" addr add "$(node_addr "$n")/24" dev "$peer_if"
+    ip -n "$ns" link set "$peer_if" up
+    ip -n "$ns" link set lo up
+  done < <(node_names)
+  {
+    printf '%s\tlocalhost\n' "$LOOPBACK"
+    printf '%s\t%s\n' "$CTLD_ADDR" "$CTLD_HOST"
+    while read -r n; do printf '%s\t%s\n' "$(node_addr "$n")" "$n"; done < <(node_names)
+  } >"$HOSTS_FILE"
+  step "network: bridge $BRIDGE ($CTLD_ADDR), namespaces $(node_netns 'node*')"
+}
+
+net_down() { # kill what runs in this cluster's namespaces, delete them, their veths and the bridge
+  local ns pid link
+  for ns in $(ip netns list 2>/dev/null | awk -v p="pt$NET_TAG-" 'index($1, p) == 1 {print $1}'); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  # Deleting a namespace deletes its veth end and so the pair; these are what a failed start left.
+  for link in $(ip -o link show 2>/dev/null | awk -F': ' -v p="pv$NET_TAG" 'index($2, p) == 1 {sub(/@.*/, "", $2); print $2}'); do
+    ip link del "$link" 2>/dev/null || true
+  done
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE" 2>/dev/null || true; fi
 }
 
 write_node_lines() { # the NodeName= lines of slurm.conf
@@ -326,13 +428,16 @@ write_configs() {
   chmod 755 "$ETC" "$LOGDIR" "$RUNDIR"
 
   # Fake GPU device files: gres.conf needs File=, and it must not be a regular file.
-  local i
+  local i message_timeout=5 slurmd_timeout=30
   for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$DEVDIR/nvidia$i"; done
+  # Several nodes exist to test node failure: detect a dead node in ~10 s instead of ~30 s.
+  if ((NODES > 1)); then message_timeout="$MULTI_MESSAGE_TIMEOUT" slurmd_timeout="$MULTI_SLURMD_TIMEOUT"; fi
+  printf '%s\n' "$NODES" >"$ETC/nodes" # what stop/status/crash-node read when --nodes is not given
 
   cat >"$SLURM_CONF_PATH" <<EOF
 # Generated by scripts/local_slurm.sh -- edits are overwritten on the next start.
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$CTLD_HOST($LOOPBACK)
+SlurmctldHost=$CTLD_HOST($CTLD_ADDR)
 SlurmctldPort=$PORT_CTLD
 SlurmdPort=$PORT_SLURMD
 SlurmUser=root
@@ -374,15 +479,15 @@ MaxArraySize=10001
 # Timers (seconds).
 MinJobAge=300
 KillWait=5
-MessageTimeout=5
-SlurmdTimeout=30
+MessageTimeout=$message_timeout
+SlurmdTimeout=$slurmd_timeout
 SlurmctldTimeout=30
 InactiveLimit=0
 Waittime=0
 
 # Accounting through slurmdbd (sacct).  The "password" is the munge socket to use.
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=$LOOPBACK
+AccountingStorageHost=$CTLD_ADDR
 AccountingStoragePort=$PORT_DBD
 AccountingStoragePass=$MUNGE_SOCKET
 AccountingStorageTRES=gres/gpu
@@ -407,7 +512,7 @@ EOF
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCKET
 DbdHost=localhost
-DbdAddr=$LOOPBACK
+DbdAddr=$CTLD_ADDR
 DbdPort=$PORT_DBD
 SlurmUser=root
 LogFile=$LOGDIR/slurmdbd.log
@@ -556,6 +661,7 @@ cmd_start() {
   check_ports_free
   mkdir -p "$STATE_DIR"
   write_configs
+  net_up
   start_munged
   start_mariadb
   start_slurmdbd
@@ -677,6 +783,7 @@ stop_daemons() { # stop_daemons [quiet]
     sleep 1
     for pid in $(leftover_pids); do kill -KILL "$pid" 2>/dev/null || true; done
   fi
+  net_down
   rm -f "$RUNDIR"/*.pid "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock" 2>/dev/null || true
   # A munge socket dir outside DIR (see munge_rundir), also the one the last start used.
   local d
@@ -716,24 +823,69 @@ cmd_status() {
   return "$rc"
 }
 
+node_argument() { # node_argument COMMAND NODE -> checks NODE names a node of a multi-node cluster
+  ((NODES > 1)) || usage_error "$1 needs a cluster started with --nodes 2 or more (this one has 1 node)"
+  [[ -n "$2" ]] || usage_error "$1 needs a node name, e.g. $1 node2"
+  node_known "$2" || usage_error "$1 $2: no such node; this cluster has $(node_names | tr '\n' ' ')"
+}
+
+# A realistic crash: SIGKILL every process in the node's network namespace -- slurmd, slurmstepd and
+# the job's own processes.  Killing slurmd alone would leave its job steps running.
+cmd_crash_node() {
+  local node="$1" ns pids
+  node_argument crash-node "$node"
+  ns="$(node_netns "$node")"
+  pids="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
+  [[ -n "${pids// /}" ]] || { log "nothing runs on $node"; return 0; }
+  # shellcheck disable=SC2086  # a list of pids
+  kill -KILL $pids 2>/dev/null || true
+  log "crashed $node: SIGKILL to $(wc -w <<<"$pids") process(es)"
+}
+
+node_up() { # node_up NODE -> 0 once slurmctld counts NODE as up again
+  local st
+  st="$(slurm_env sinfo -h -N -n "$1" -o '%t' 2>/dev/null | head -n1)"
+  [[ "$st" =~ ^(idle|mix|alloc|comp)$ ]]
+}
+
+# Start a crashed node's slurmd again; with ReturnToService=2 the node is usable as soon as it registers.
+cmd_restart_node() {
+  local node="$1"
+  node_argument restart-node "$node"
+  [[ -e "/run/netns/$(node_netns "$node")" ]] || die "no namespace for $node: start the cluster first"
+  start_slurmd "$node"
+  wait_for "$node to be up again" "$LOGDIR/slurmctld.log" node_up "$node"
+  step "$node is up"
+}
+
 # ------------------------------------------------------------------------------- main
 main() {
   (($# >= 1)) || usage_error "missing command"
-  local cmd="$1"
+  local cmd="$1" node=""
   shift
   while (($#)); do
     case "$1" in
-      --nodes) (($# >= 2)) || usage_error "--nodes needs a value"; NODES="$2"; shift 2 ;;
-      --nodes=*) NODES="${1#*=}"; shift ;;
+      --nodes) (($# >= 2)) || usage_error "--nodes needs a value"; NODES="$2" NODES_GIVEN=1; shift 2 ;;
+      --nodes=*) NODES="${1#*=}" NODES_GIVEN=1; shift ;;
       --state-dir) (($# >= 2)) || usage_error "--state-dir needs a value"; STATE_DIR="$2"; shift 2 ;;
       --state-dir=*) STATE_DIR="${1#*=}"; shift ;;
       -h | --help) sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
-      *) usage_error "unknown argument: $1" ;;
+      -*) usage_error "unknown argument: $1" ;;
+      *)
+        [[ "$cmd" == crash-node || "$cmd" == restart-node ]] && [[ -z "$node" ]] || usage_error "unknown argument: $1"
+        node="$1"
+        shift
+        ;;
     esac
   done
+  # Commands other than start act on the cluster as it was started.
+  if [[ -z "$NODES_GIVEN" && "$cmd" != start && -s "$STATE_DIR/etc/nodes" ]]; then
+    NODES="$(tr -dc '0-9' <"$STATE_DIR/etc/nodes")"
+  fi
   [[ "$NODES" =~ ^[1-9][0-9]*$ ]] || usage_error "--nodes must be a positive integer, got '$NODES'"
-  if ((NODES != 1)); then
-    usage_error "--nodes $NODES: only a single-node cluster (--nodes 1) is supported for now"
+  ((NODES <= 64)) || usage_error "--nodes $NODES: at most 64 nodes (addresses .11-.74 of $SUBNET.0/24)"
+  if ((NODES > 1)) && ! { command -v nsenter && command -v unshare && command -v ip; } >/dev/null; then
+    die "--nodes $NODES needs ip (iproute2) and nsenter/unshare (util-linux)"
   fi
   [[ $EUID -eq 0 ]] || die "must run as root"
   set_paths
@@ -743,6 +895,8 @@ main() {
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) print_env ;;
+    crash-node) cmd_crash_node "$node" ;;
+    restart-node) cmd_restart_node "$node" ;;
     -h | --help | help) sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//' >&2 ;;
     *) usage_error "unknown command: $cmd" ;;
   esac

@@ -10,28 +10,35 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local_slurm.sh"
-STATE_DIR = "/tmp/prunetune-slurm-tests"
-# Its own ports, so a cluster a developer runs by hand on the defaults is left alone.
-PORT_BASE = "17817"
+# Its own state folder and ports, so a cluster a developer runs by hand on the defaults is left alone; the
+# environment may move them so that two test runs on one machine do not share a cluster.
+STATE_DIR = os.environ.get("PRUNETUNE_TEST_SLURM_STATE_DIR", "/tmp/prunetune-slurm-tests")
+PORT_BASE = os.environ.get("PRUNETUNE_TEST_SLURM_PORT_BASE", "17817")
+# The two-node cluster (nodes in network namespaces) is a cluster of its own beside the single-node one, so
+# both can run at once: its own folder and ports (the slurmds listen inside their namespaces).
+MULTI_STATE_DIR = os.environ.get("PRUNETUNE_TEST_SLURM_MULTI_STATE_DIR", "/tmp/prunetune-slurm-tests-2node")
+MULTI_PORT_BASE = os.environ.get("PRUNETUNE_TEST_SLURM_MULTI_PORT_BASE", "17917")
 
 
-def cluster_unavailable() -> str | None:
+def cluster_unavailable(nodes: int = 1) -> str | None:
     """Why the cluster cannot run here, or None."""
     if os.geteuid() != 0:
         return "the local SLURM cluster needs root"
     if not shutil.which("slurmctld") or not shutil.which("sacct"):
         return "SLURM is not installed (bash scripts/local_slurm.sh install)"
+    if nodes > 1 and not all(shutil.which(tool) for tool in ("ip", "nsenter", "unshare")):
+        return "a multi-node local cluster needs ip, nsenter and unshare"
     return None
 
 
-def cluster_environment() -> dict[str, str]:
-    return {**os.environ, "LOCAL_SLURM_STATE_DIR": STATE_DIR, "LOCAL_SLURM_PORT_BASE": PORT_BASE}
+def cluster_environment(state_dir: str = STATE_DIR, port_base: str = PORT_BASE) -> dict[str, str]:
+    return {**os.environ, "LOCAL_SLURM_STATE_DIR": state_dir, "LOCAL_SLURM_PORT_BASE": port_base}
 
 
-def start_cluster() -> str:
+def start_cluster(state_dir: str = STATE_DIR, port_base: str = PORT_BASE, nodes: int = 1) -> str:
     """Start the cluster; returns the SLURM_CONF path."""
-    result = subprocess.run(["bash", str(SCRIPT), "start", "--state-dir", STATE_DIR], env=cluster_environment(),
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run(["bash", str(SCRIPT), "start", "--nodes", str(nodes), "--state-dir", state_dir],
+                            env=cluster_environment(state_dir, port_base), capture_output=True, text=True, timeout=180)
     if result.returncode:
         raise RuntimeError(f"local SLURM did not start:\n{result.stderr[-3000:]}")
     for line in result.stdout.splitlines():
@@ -40,9 +47,18 @@ def start_cluster() -> str:
     raise RuntimeError(f"no SLURM_CONF in {result.stdout!r}")
 
 
-def stop_cluster() -> None:
-    subprocess.run(["bash", str(SCRIPT), "stop", "--state-dir", STATE_DIR], env=cluster_environment(),
-                   capture_output=True, text=True, timeout=180)
+def stop_cluster(state_dir: str = STATE_DIR, port_base: str = PORT_BASE) -> None:
+    subprocess.run(["bash", str(SCRIPT), "stop", "--state-dir", state_dir],
+                   env=cluster_environment(state_dir, port_base), capture_output=True, text=True, timeout=180)
+
+
+def node_command(command: str, node: str, state_dir: str = MULTI_STATE_DIR,
+                 port_base: str = MULTI_PORT_BASE) -> None:
+    """``crash-node`` or ``restart-node`` of a multi-node cluster."""
+    result = subprocess.run(["bash", str(SCRIPT), command, node, "--state-dir", state_dir],
+                            env=cluster_environment(state_dir, port_base), capture_output=True, text=True, timeout=120)
+    if result.returncode:
+        raise RuntimeError(f"local_slurm.sh {command} {node} failed:\n{result.stderr[-3000:]}")
 
 
 def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -96,3 +96,104 @@ def test_without_sacct_a_missing_task_is_unknown(study, monkeypatch):
     state = {(row.pair.label if row.pair else "study", row.stage): row.state for row in rows}
     assert state[("Llama/best_acc", "finetune")] == "RUNNING"
     assert state[("study", "compare")] == "UNKNOWN"  # squeue alone cannot tell finished from cancelled
+
+
+# Recorded on the two-node test cluster (scripts/local_slurm.sh start --nodes 2) with
+# `sacct -X -n -P --duplicates --format=JobID,State,ExitCode,Elapsed,NodeList,Start,End,Submit`: an array of
+# three 2-node tasks (%2), node2 crashed. ~1 s after the NODE_FAIL accounting has only the failed runs ...
+NODE_FAIL_BEFORE_REQUEUE = """\
+2_0|NODE_FAIL|0:0|00:00:13|node[1-2]|2026-11-28T04:55:21|2026-11-28T04:55:34|2026-11-28T04:55:21
+2_1|NODE_FAIL|0:0|00:00:13|node[1-2]|2026-11-28T04:55:21|2026-11-28T04:55:34|2026-11-28T04:55:21
+2_2|PENDING|0:0|00:00:00|None assigned|Unknown|Unknown|2026-11-28T04:55:21
+"""
+# ... while the controller has already requeued them (`squeue -h -r -o '%i|%T|%r'`, the same moment) ...
+SQUEUE_AT_NODE_FAIL = """\
+2_1|PENDING|BeginTime
+2_0|PENDING|BeginTime
+2_2|PENDING|Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions
+"""
+# ... and ~2 s later the requeued runs, same task ids, stamped with the requeue time as Submit.
+REQUEUED_AFTER_NODE_FAIL = NODE_FAIL_BEFORE_REQUEUE + """\
+2_0|PENDING|0:0|00:00:00|None assigned|Unknown|Unknown|2026-11-28T04:55:34
+2_1|PENDING|0:0|00:00:00|None assigned|Unknown|Unknown|2026-11-28T04:55:34
+"""
+
+
+def test_the_newest_run_of_a_requeued_task_is_its_state():
+    states = slurm.parse_sacct(REQUEUED_AFTER_NODE_FAIL)
+    assert states[("2", 0)] == slurm.TaskState("PENDING", "0:0", "00:00:00", "", restarts=1, requeued_after="NODE_FAIL")
+    assert states[("2", 1)].state == "PENDING" and states[("2", 1)].restarts == 1
+    assert states[("2", 2)] == slurm.TaskState("PENDING", "0:0", "00:00:00", "")  # never ran: no restart
+    # The newest run is the one with the latest Submit, whatever order sacct lists them in.
+    reordered = "".join(reversed(REQUEUED_AFTER_NODE_FAIL.splitlines(keepends=True)))
+    assert slurm.parse_sacct(reordered) == states
+    # Finished after the requeue: the newest run's state, and the count of runs before it.
+    finished = REQUEUED_AFTER_NODE_FAIL.replace(
+        "2_0|PENDING|0:0|00:00:00|None assigned|Unknown|Unknown",
+        "2_0|COMPLETED|0:0|00:01:10|node[1-2]|2026-11-28T04:55:50|2026-11-28T04:57:00")
+    assert slurm.parse_sacct(finished)[("2", 0)] == slurm.TaskState(
+        "COMPLETED", "0:0", "00:01:10", "node[1-2]", restarts=1, requeued_after="NODE_FAIL")
+
+
+def test_one_duplicates_query_per_poll(monkeypatch):
+    calls = []
+    monkeypatch.setattr(slurm, "_run", lambda command, timeout=60: (calls.append(command), REQUEUED_AFTER_NODE_FAIL)[1])
+    states, source = slurm.query_states(["2"])
+    assert source == "sacct" and len(calls) == 1
+    assert calls[0][0] == "sacct" and "--duplicates" in calls[0]
+    assert "--format=" + ",".join(slurm.SACCT_FIELDS) in calls[0]
+    assert states[("2", 0)].restarts == 1
+
+
+@pytest.fixture
+def requeued_study(tmp_path):
+    """A study whose two finetunes (tasks 2_0 and 2_1 of the recording) went NODE_FAIL on a two-node cluster."""
+    config = load_config(None, [f"study.results_root={tmp_path}", "study.models=[Llama]"])
+    manifest = new_manifest(config)
+    pairs = ("Llama__best_acc", "Llama__best_ppl")
+    manifest.add_attempt([
+        slurm.SubmittedArray("finetune", "finetune", "2", pairs, ()),
+        slurm.SubmittedArray("evaluate_finetuned", "evaluate_finetuned", "3", pairs, ("aftercorr:2",)),
+        slurm.SubmittedArray("compare", "compare", "4", (), ("afterany:3",))], "submit")
+    manifest.save()
+    return config, manifest
+
+
+def fake_slurm(monkeypatch, sacct: str, squeue: str) -> list[list[str]]:
+    """sacct and squeue answer with recorded text; submitting anything fails the test."""
+    calls = []
+
+    def run(command, timeout=60):
+        calls.append(command)
+        return sacct if command[0] == "sacct" else squeue
+    monkeypatch.setattr(slurm, "_run", run)
+    monkeypatch.setattr(slurm, "submit_plan", lambda *args, **kwargs: pytest.fail("resubmitted a requeued task"))
+    return calls
+
+
+@pytest.mark.parametrize("sacct, squeue", [(REQUEUED_AFTER_NODE_FAIL, ""),  # accounting has the requeued run
+                                           (NODE_FAIL_BEFORE_REQUEUE, SQUEUE_AT_NODE_FAIL)])  # only the controller
+def test_resubmit_leaves_a_task_slurm_requeued_alone(requeued_study, monkeypatch, capsys, sacct, squeue):
+    config, manifest = requeued_study
+    calls = fake_slurm(monkeypatch, sacct, squeue)
+    assert monitor.resubmit(config.study.results_root, None, "all") == 0
+    assert "nothing to resubmit" in capsys.readouterr().out
+    assert len(load_manifest(config.study.results_root).attempts) == 1
+    assert [command[0] for command in calls].count("sacct") == 1
+
+
+def test_status_shows_the_requeue_and_a_final_node_fail_is_rerun(requeued_study, monkeypatch):
+    config, manifest = requeued_study
+    fake_slurm(monkeypatch, REQUEUED_AFTER_NODE_FAIL, "")
+    rows, _ = monitor.collect(manifest, config)
+    finetunes = [row for row in rows if row.stage == "finetune"]
+    assert [(row.state, row.active, row.attempt, row.restarts) for row in finetunes] == [("PENDING", True, 1, 1)] * 2
+    assert finetunes[0].state_text == "PENDING (requeued after NODE_FAIL)"
+    assert monitor.render(rows, "sacct").count("PENDING (requeued after NODE_FAIL)") == 2
+    assert not any(monitor.needs_rerun(row) for row in finetunes)
+    # A job that may not be requeued (--no-requeue, JobRequeue=0) ends NODE_FAIL: a failure resubmit reruns.
+    fake_slurm(monkeypatch, NODE_FAIL_BEFORE_REQUEUE, "")
+    rows, _ = monitor.collect(manifest, config)
+    finetunes = [row for row in rows if row.stage == "finetune"]
+    assert [(row.state, row.active, row.state_text) for row in finetunes] == [("NODE_FAIL", False, "NODE_FAIL")] * 2
+    assert all(monitor.needs_rerun(row) for row in finetunes)
