@@ -33,7 +33,7 @@ from jobs.monitor import collect  # noqa: E402
 from jobs.study import Pair, StudyPaths  # noqa: E402
 from tests.slurm_cluster import (MULTI_PORT_BASE, MULTI_STATE_DIR, cluster_unavailable, launch,  # noqa: E402
                                  node_command, start_cluster, stop_cluster, wait_until)
-from tests.test_multinode import EXTENSIONS_CACHE, build_assets, crash_study_args  # noqa: E402
+from tests.test_multinode import EXTENSIONS_CACHE, build_assets, crash_study_args, finetune_step  # noqa: E402
 
 PAIR = Pair("Llama", "best_acc")
 
@@ -70,12 +70,7 @@ def measure(scratch: Path) -> int:
     folder = StudyPaths(manifest.study_config()).finetuned_dir(PAIR)
     finetune_job = next(array.job_id for array in manifest.attempts[0].arrays if array.name == "finetune")
 
-    def step() -> int:
-        try:
-            return json.loads((folder / "progress.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            return 0
-    wait_until(lambda: step() >= 4, 300, interval=0.1, what="the finetune to pass its first checkpoint")
+    wait_until(lambda: finetune_step(folder) >= 4, 300, interval=0.1, what="the finetune to pass its first checkpoint")
     crashed = time.monotonic()
     node_command("crash-node", "node2")
 
@@ -86,7 +81,7 @@ def measure(scratch: Path) -> int:
         return time.monotonic() - crashed
     detected = seen(r"(NODE_FAIL|PENDING \(requeued after NODE_FAIL\))")  # newest record NODE_FAIL for a few s
     requeued = seen(r"PENDING \(requeued after NODE_FAIL\)")
-    at_step = step()  # node2 is down: the requeued run cannot start yet, this is the crashed run's last step
+    at_step = finetune_step(folder)  # node2 is down: the requeued run cannot start yet, this is the crashed run's last step
     node_command("restart-node", "node2")
     back = time.monotonic() - crashed
     running = seen(r"RUNNING \(requeued after NODE_FAIL\)")

@@ -6,7 +6,6 @@ peft and merged; plus the layout by hand, truncation, eager attention and the fa
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,16 +14,9 @@ import torch
 from jobs.config import ZERO_SHOT_TASKS, DataSettings
 from workers import fast_lm, zero_shot
 from workers.eval_data_demo import write_demo_eval_data
+from tests.test_eval_fidelity import one_thread  # noqa: F401,E402 (autouse: one torch thread)
 
 TOLERANCE = 1e-4  # fp32: different kernels and shapes round differently, nothing more
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on a busy 2-core box run a tiny model slower than one
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -206,12 +206,7 @@ def test_node_crash_mid_finetune_is_requeued_by_slurm_and_resumes(two_nodes, ass
     folder = StudyPaths(config).finetuned_dir(PAIR)
     finetune_job = next(array.job_id for array in load_manifest(root).attempts[0].arrays if array.name == "finetune")
 
-    def step() -> int:
-        try:
-            return json.loads((folder / "progress.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            return 0
-    wait_until(lambda: step() >= 4, 300, interval=0.1, what="the finetune to pass its first checkpoint")
+    wait_until(lambda: finetune_step(folder) >= 4, 300, interval=0.1, what="the finetune to pass its first checkpoint")
     node_command("crash-node", "node2")
     crashed_at = time.monotonic()
 
@@ -224,7 +219,7 @@ def test_node_crash_mid_finetune_is_requeued_by_slurm_and_resumes(two_nodes, ass
                what="status to show the finetune requeued")
     requeued = time.monotonic() - crashed_at
     # node2 is down, so the requeued run cannot start: progress.json still holds the crashed run's last step.
-    last_step = step()
+    last_step = finetune_step(folder)
     assert 4 <= last_step < 54
     assert finetune_runs(finetune_job) == [f"{finetune_job}|NODE_FAIL", f"{finetune_job}|PENDING"]
     assert not is_done(folder)  # the crashed run wrote no results
@@ -263,3 +258,11 @@ def test_node_crash_mid_finetune_is_requeued_by_slurm_and_resumes(two_nodes, ass
     assert record["derived"]["slurm_restart_count"] == 1
     assert f"resumed from checkpoint-{resumed}" in (folder / "training_log.txt").read_text()
     assert f"resuming from {folder / 'checkpoints' / f'checkpoint-{resumed}'}" in logs
+
+
+def finetune_step(folder: Path) -> int:
+    """The optimizer step a running finetune last reported in its progress.json (0 before the first)."""
+    try:
+        return json.loads((folder / "progress.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0

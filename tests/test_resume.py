@@ -17,19 +17,11 @@ from safetensors.torch import load_file
 
 from jobs.state import is_done
 from jobs.study import StudyPaths
-from tests.test_finetune import PAIR, tiny_study
+from tests.test_finetune import PAIR, one_thread, tiny_study  # noqa: F401 (one_thread: autouse fixture)
 from workers import checkpointing, finetune
 
 # 58 training rows, 8 per step: 8 steps per epoch, 16 in all; a checkpoint every 3 steps.
 SETTINGS = ("finetune.micro_batch_size=4", "finetune.checkpoint_steps=3", "finetune.logging_steps=1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class InjectedCrash(RuntimeError):
@@ -48,6 +40,15 @@ def inject_at(monkeypatch: pytest.MonkeyPatch, step: int, fault: str) -> None:
             raise InjectedCrash(f"injected crash after step {step}")
 
     monkeypatch.setattr(checkpointing.StopOnSignal, "on_step_end", on_step_end)
+
+
+def interrupted_run(config, monkeypatch: pytest.MonkeyPatch, step: int, fault: str, error: type, match: str = ""):
+    """Run ``config``'s finetune with ``fault`` at ``step``; it must stop with ``error``. Returns the pair folder."""
+    with monkeypatch.context() as patch:
+        inject_at(patch, step, fault)
+        with pytest.raises(error, match=match or None):
+            finetune.run(config, PAIR)
+    return StudyPaths(config).finetuned_dir(PAIR)
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -81,11 +82,7 @@ def assert_same_run(resumed: Path, whole: Path) -> None:
 def test_crash_resumes_from_the_last_checkpoint(uninterrupted, tmp_path: Path, monkeypatch) -> None:
     packing, whole = uninterrupted
     config = tiny_study(tmp_path, *SETTINGS, f"finetune.packing={packing}")
-    folder = StudyPaths(config).finetuned_dir(PAIR)
-    with monkeypatch.context() as patch:
-        inject_at(patch, 7, "crash")
-        with pytest.raises(InjectedCrash):
-            finetune.run(config, PAIR)
+    folder = interrupted_run(config, monkeypatch, 7, "crash", InjectedCrash)
     assert not is_done(folder)
     saved = [step for step, _ in checkpointing.checkpoint_steps(folder / checkpointing.CHECKPOINTS)]
     assert saved == [6, 3]  # save_total_limit 2: the newest two, each with its marker
@@ -102,11 +99,8 @@ def test_warning_signal_saves_at_the_step_end_and_stops(uninterrupted, tmp_path:
     if packing == "on":
         pytest.skip("the signal path does not depend on the batch layout; one layout is enough")
     config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off")
-    folder = StudyPaths(config).finetuned_dir(PAIR)
-    with monkeypatch.context() as patch:
-        inject_at(patch, 5, "signal")  # between the periodic checkpoints 3 and 6
-        with pytest.raises(finetune.TrainingInterrupted, match="step 5"):
-            finetune.run(config, PAIR)
+    # Between the periodic checkpoints 3 and 6.
+    folder = interrupted_run(config, monkeypatch, 5, "signal", finetune.TrainingInterrupted, match="step 5")
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # our handlers are gone again
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     newest = checkpointing.latest_valid_checkpoint(folder / checkpointing.CHECKPOINTS)
@@ -121,11 +115,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path: Path, mon
     if packing == "on":
         pytest.skip("checkpoint validation does not depend on the batch layout")
     config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off")
-    folder = StudyPaths(config).finetuned_dir(PAIR)
-    with monkeypatch.context() as patch:
-        inject_at(patch, 7, "crash")
-        with pytest.raises(InjectedCrash):
-            finetune.run(config, PAIR)
+    folder = interrupted_run(config, monkeypatch, 7, "crash", InjectedCrash)
     newest = folder / checkpointing.CHECKPOINTS / "checkpoint-6"
     optimizer = newest / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])  # a half-written file
@@ -137,11 +127,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path: Path, mon
 
 def test_checkpoint_of_other_settings_is_not_resumed(tmp_path: Path, monkeypatch) -> None:
     config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off", "finetune.max_steps=4")
-    folder = StudyPaths(config).finetuned_dir(PAIR)
-    with monkeypatch.context() as patch:
-        inject_at(patch, 4, "crash")
-        with pytest.raises(InjectedCrash):
-            finetune.run(config, PAIR)
+    folder = interrupted_run(config, monkeypatch, 4, "crash", InjectedCrash)
     changed = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off", "finetune.max_steps=4",
                          "finetune.learning_rate=1e-3")
     finetune.run(changed, PAIR)
@@ -153,11 +139,7 @@ def test_time_based_checkpoints_without_a_step_interval(tmp_path: Path, monkeypa
     """finetune.checkpoint_minutes alone: a save whenever that much time has passed (here: every step)."""
     config = tiny_study(tmp_path, "finetune.micro_batch_size=4", "finetune.logging_steps=1", "finetune.packing=off",
                         "finetune.checkpoint_steps=0", "finetune.checkpoint_minutes=0.00001")
-    folder = StudyPaths(config).finetuned_dir(PAIR)
-    with monkeypatch.context() as patch:
-        inject_at(patch, 5, "crash")  # raised before step 5's own save
-        with pytest.raises(InjectedCrash):
-            finetune.run(config, PAIR)
+    folder = interrupted_run(config, monkeypatch, 5, "crash", InjectedCrash)  # raised before step 5's save
     saved = [step for step, _ in checkpointing.checkpoint_steps(folder / checkpointing.CHECKPOINTS)]
     assert saved == [4, 3]
     assert all(checkpointing.marker_problem(path) is None
@@ -167,10 +149,7 @@ def test_time_based_checkpoints_without_a_step_interval(tmp_path: Path, monkeypa
 def test_sigterm_saves_at_the_step_end_and_stops_without_requeue(tmp_path: Path, monkeypatch) -> None:
     """scancel or a requeue from outside sends SIGTERM first: the steps since the last checkpoint are kept."""
     config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off")
-    folder = StudyPaths(config).finetuned_dir(PAIR)
-    with monkeypatch.context() as patch:
-        inject_at(patch, 4, "term")
-        with pytest.raises(finetune.TrainingInterrupted, match="terminated at step 4"):
-            finetune.run(config, PAIR)
+    folder = interrupted_run(config, monkeypatch, 4, "term", finetune.TrainingInterrupted,
+                             match="terminated at step 4")
     newest = checkpointing.latest_valid_checkpoint(folder / checkpointing.CHECKPOINTS)
     assert newest is not None and newest.name == "checkpoint-4"

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback
 
-from jobs.state import atomic_write_json
+from jobs.state import atomic_write_json, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def marker_problem(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} were written"
-        if _sha256(path) != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -123,7 +123,7 @@ def write_marker(checkpoint: Path) -> None:
     files = {}
     for path in sorted(checkpoint.rglob("*")):
         if path.is_file() and path.name != MARKER:
-            files[str(path.relative_to(checkpoint))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[str(path.relative_to(checkpoint))] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     atomic_write_json(checkpoint / MARKER, {"files": files})
 
 
@@ -237,11 +237,3 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
