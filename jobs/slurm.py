@@ -130,7 +130,18 @@ def submit_plan(config: StudyConfig, plan: Plan, dry_run: bool = False) -> list[
         try:
             jobs = executor.map_array(TaskRunner(), array.tasks(config))
         except Exception as error:  # submitit raises FailedSubmissionError with sbatch's message
-            raise SlurmError(f"submitting {array.name} failed: {str(error).strip().splitlines()[-1]}") from error
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            # The arrays already in the queue would run outside any manifest: take them back out.
+            earlier = [item.job_id for item in submitted.values()]
+            if earlier:
+                try:
+                    cancel(earlier)
+                except SlurmError as cancel_error:
+                    reason += f"; cancelling the arrays already submitted ({', '.join(earlier)}) failed too: " \
+                              f"{cancel_error}"
+                else:
+                    reason += f"; the arrays already submitted ({', '.join(earlier)}) were cancelled"
+            raise SlurmError(f"submitting {array.name} failed: {reason}") from error
         job_id = jobs[0].job_id.split("_")[0]
         submission = Path(executor.folder.parent) / job_id
         submitted[array.name] = SubmittedArray(array.name, array.worker, job_id, pairs,

@@ -136,7 +136,7 @@ set -euo pipefail
 umask 022 # directories we create must be world-searchable (munged checks that)
 
 # ----------------------------------------------------------------------------- settings
-PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2)  # iproute2: --nodes > 1 (netns)
 
 STATE_DIR="${LOCAL_SLURM_STATE_DIR:-/tmp/prunetune-slurm}"
 NODES=1

@@ -2,8 +2,8 @@
 # Install what the tests need, then run the test suite (CI runs exactly this: .ci/run).
 #   bash scripts/test.sh [pytest arguments ...]      e.g. -m "not slurm and not slow"
 # As root on Debian it also installs the SLURM daemons (munge, slurmctld, slurmd, slurmdbd, MariaDB);
-# the tests marked `slurm` start a private single-node cluster on loopback with scripts/local_slurm.sh
-# and stop it afterwards. Without root they are skipped, with the reason shown.
+# the tests marked `slurm` start private clusters with scripts/local_slurm.sh (one node on loopback; two
+# nodes in network namespaces for tests/test_multinode.py) and stop them afterwards. Without root they are skipped, with the reason shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,35 @@ def test_cancel_stops_the_study_and_status_says_so(cluster, tmp_path):
     assert not any(row.active for row in rows)
     assert {row.state for row in rows if row.stage == "finetune"} <= {"CANCELLED", "COMPLETED"}
     assert any(row.state == "CANCELLED" for row in rows)
+
+
+def test_a_submission_that_fails_half_way_takes_back_what_it_submitted(cluster, tmp_path):
+    """The controller accepts the finetune array, then refuses the next one (as a MaxSubmitJobs limit would):
+    nothing may be left in the queue outside a manifest. The refusal comes from a wrapper in front of the
+    real sbatch; the first submission and the cancellation are real."""
+    root = tmp_path / "study"
+    _, args = make_study(root)
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    count = tmp_path / "sbatch_calls"
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in *" --test-only "*) exec '{shutil.which("sbatch")}' "$@" ;; esac  # `check`'s dry runs pass
+echo x >> '{count}'
+if [ "$(wc -l < '{count}')" -ge 2 ]; then
+  echo "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit)" >&2
+  exit 1
+fi
+exec '{shutil.which("sbatch")}' "$@"
+""")
+    wrapper.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
+    failed = subprocess.run([sys.executable, str(REPO / "launch.py"), "--batch-all", "--stage", "all", *args],
+                            cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    last = failed.stderr.strip().splitlines()[-1]  # after sbatch's own message, which submitit passes through
+    assert "submitting evaluate_pruned failed" in last, failed.stderr
+    match = re.search(r"the arrays already submitted \(([0-9]+)\) were cancelled", last)
+    assert match, last
+    queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", match.group(1)], capture_output=True, text=True)
+    assert queued.stdout.strip() == ""  # the finetune array is gone from the queue
+    assert not (root / "manifest.json").exists()
