@@ -85,3 +85,17 @@ def sacct_times(job_ids: list[str]) -> dict[str, tuple[str, str, str]]:
         job, state, start, end = line.split("|")
         rows[job] = (state.split()[0], start, end)
     return rows
+
+
+def wait_for_study(root: Path, timeout: float = 900, interval: float = 2.0):
+    """The status rows of the study in ``root`` once none of its tasks is queued or running any more."""
+    from jobs.manifest import load_manifest
+    from jobs.monitor import collect
+
+    manifest = load_manifest(root)
+    config = manifest.study_config()
+
+    def settled():
+        rows, _ = collect(manifest, config)
+        return None if any(row.active for row in rows) else rows
+    return wait_until(settled, timeout, interval=interval, what="the study's tasks to end")

@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import load_manifest
-from jobs.monitor import collect
 from jobs.state import is_done
 from jobs.study import Pair, StudyPaths
 from tests.slurm_cluster import (MULTI_PORT_BASE, MULTI_STATE_DIR, cluster_unavailable, launch, node_command,
-                                 sacct_times, start_cluster, stop_cluster, wait_until)
+                                 sacct_times, start_cluster, stop_cluster, wait_for_study, wait_until)
 
 pytestmark = pytest.mark.slurm
 
@@ -97,16 +96,6 @@ def crash_study_args(root: Path, assets: Path) -> list[str]:
                       "finetune.checkpoint_steps=3")
 
 
-def wait_for_study(root: Path, timeout: float = 600):
-    manifest = load_manifest(root)
-    config = manifest.study_config()
-
-    def settled():
-        rows, _ = collect(manifest, config)
-        return None if any(row.active for row in rows) else rows
-    return wait_until(settled, timeout, interval=1, what="the study's tasks to end")
-
-
 def loss_lines(folder: Path) -> list[tuple[str, int, float]]:
     """(kind, step, loss) of every training and evaluation line of training_log.txt."""
     found = re.findall(r"^step (\d+)/\d+ epoch \S+ (loss|eval_loss) (\S+)", (folder / "training_log.txt").read_text(),
@@ -126,7 +115,7 @@ def test_finetunes_span_two_nodes_and_match_one_node(two_nodes, assets, tmp_path
         submitted = launch("--batch-all", "--stage", "finetune", *args)
         assert submitted.returncode == 0, submitted.stderr
     for root in (two, one):
-        rows = wait_for_study(root)
+        rows = wait_for_study(root, 600, interval=1)
         assert all(row.done for row in rows if row.stage == "finetune"), [(row.pair, row.state, row.log) for row in rows]
 
     status = launch("status", *two_args)
@@ -229,7 +218,7 @@ def test_node_crash_mid_finetune_is_requeued_by_slurm_and_resumes(two_nodes, ass
     assert len(load_manifest(root).attempts) == 1
 
     node_command("restart-node", "node2")
-    rows = wait_for_study(root)
+    rows = wait_for_study(root, 600, interval=1)
     complete = time.monotonic() - crashed_at
     print(f"node crash at step {last_step} of 54: NODE_FAIL in status after {detected:.1f} s, requeued after "
           f"{requeued:.1f} s, study complete after {complete:.1f} s")

@@ -59,11 +59,21 @@ def record(folder: Path) -> dict:
     return json.loads((folder / "finetuning_config.json").read_text())
 
 
-@pytest.fixture(scope="module", params=["off", "on"], ids=["padded", "packed"])
-def uninterrupted(request, tmp_path_factory: pytest.TempPathFactory):
-    config = tiny_study(tmp_path_factory.mktemp("whole"), *SETTINGS, f"finetune.packing={request.param}")
+def finetune_whole(tmp_path_factory: pytest.TempPathFactory, packing: str) -> Path:
+    config = tiny_study(tmp_path_factory.mktemp(f"whole-{packing}"), *SETTINGS, f"finetune.packing={packing}")
     finetune.run(config, PAIR)
-    return request.param, StudyPaths(config).finetuned_dir(PAIR)
+    return StudyPaths(config).finetuned_dir(PAIR)
+
+
+@pytest.fixture(scope="module")
+def whole_padded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every interrupted padded run must end equal to."""
+    return finetune_whole(tmp_path_factory, "off")
+
+
+@pytest.fixture(scope="module")
+def whole_packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetune_whole(tmp_path_factory, "on")
 
 
 def assert_same_run(resumed: Path, whole: Path) -> None:
@@ -79,8 +89,9 @@ def assert_same_run(resumed: Path, whole: Path) -> None:
     assert record(resumed)["metrics"]["optimizer_steps"] == record(whole)["metrics"]["optimizer_steps"] == 16
 
 
-def test_crash_resumes_from_the_last_checkpoint(uninterrupted, tmp_path: Path, monkeypatch) -> None:
-    packing, whole = uninterrupted
+@pytest.mark.parametrize("packing", ["off", "on"], ids=["padded", "packed"])
+def test_crash_resumes_from_the_last_checkpoint(packing: str, request, tmp_path: Path, monkeypatch) -> None:
+    whole = request.getfixturevalue("whole_padded" if packing == "off" else "whole_packed")
     config = tiny_study(tmp_path, *SETTINGS, f"finetune.packing={packing}")
     folder = interrupted_run(config, monkeypatch, 7, "crash", InjectedCrash)
     assert not is_done(folder)
@@ -94,10 +105,8 @@ def test_crash_resumes_from_the_last_checkpoint(uninterrupted, tmp_path: Path, m
     assert_same_run(folder, whole)
 
 
-def test_warning_signal_saves_at_the_step_end_and_stops(uninterrupted, tmp_path: Path, monkeypatch) -> None:
-    packing, whole = uninterrupted
-    if packing == "on":
-        pytest.skip("the signal path does not depend on the batch layout; one layout is enough")
+def test_warning_signal_saves_at_the_step_end_and_stops(whole_padded: Path, tmp_path: Path, monkeypatch) -> None:
+    whole = whole_padded  # the signal path does not depend on the batch layout
     config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off")
     # Between the periodic checkpoints 3 and 6.
     folder = interrupted_run(config, monkeypatch, 5, "signal", finetune.TrainingInterrupted, match="step 5")
@@ -110,10 +119,8 @@ def test_warning_signal_saves_at_the_step_end_and_stops(uninterrupted, tmp_path:
     assert_same_run(folder, whole)
 
 
-def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path: Path, monkeypatch) -> None:
-    packing, whole = uninterrupted
-    if packing == "on":
-        pytest.skip("checkpoint validation does not depend on the batch layout")
+def test_corrupt_newest_checkpoint_falls_back(whole_padded: Path, tmp_path: Path, monkeypatch) -> None:
+    whole = whole_padded  # checkpoint validation does not depend on the batch layout
     config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off")
     folder = interrupted_run(config, monkeypatch, 7, "crash", InjectedCrash)
     newest = folder / checkpointing.CHECKPOINTS / "checkpoint-6"

@@ -16,11 +16,10 @@ import pytest
 
 from jobs.config import load_config
 from jobs.manifest import load_manifest
-from jobs.monitor import collect
 from jobs.state import is_done
 from jobs.study import Pair, StudyPaths, select_pairs
 from tests.slurm_cluster import (REPO, cluster_unavailable, launch, sacct_times, start_cluster, stop_cluster,
-                                 wait_until)
+                                 wait_for_study, wait_until)
 
 pytestmark = pytest.mark.slurm
 
@@ -54,16 +53,6 @@ def make_study(root: Path):
     from workers.demo_inputs import generate_demo_inputs
     generate_demo_inputs(config)
     return config, args
-
-
-def wait_for_study(root: Path, timeout: float = 900):
-    manifest = load_manifest(root)
-    config = manifest.study_config()
-
-    def settled():
-        rows, _ = collect(manifest, config)
-        return None if any(row.active for row in rows) else rows
-    return wait_until(settled, timeout, interval=2, what="the study's tasks to end")
 
 
 def test_study_completes_with_per_index_dependencies(cluster, tmp_path):
