@@ -116,7 +116,8 @@ def monitor_parser(command: str) -> argparse.ArgumentParser:
                   "and step/loss/ETA of running finetunes. One sacct call per poll.",
         "resubmit": "Resubmit only the failed or incomplete pairs (FAILED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, "
                     "CANCELLED, PREEMPTED, or COMPLETED without complete outputs) as new arrays, with their "
-                    "evaluations and a new compare job. Complete pairs are never rerun.",
+                    "evaluations and a new compare job. Complete pairs are never rerun. Overrides may change "
+                    "resources.* and executor.* (e.g. more memory after OUT_OF_MEMORY), never the recipe.",
         "cancel": "Cancel the queued and running tasks of the study (or only those of --indices).",
     }
     parser = new_parser(f"launch.py {command}", descriptions[command], config_help="where the results root comes from",
@@ -197,7 +198,7 @@ def main(argv: list[str]) -> int:
             if argv[0] == "status":
                 return monitor.status(root, watch=args.watch)
             if argv[0] == "resubmit":
-                return monitor.resubmit(root, args.indices, args.stage, args.dry_run)
+                return monitor.resubmit(root, args.indices, args.stage, args.dry_run, list(args.overrides))
             return monitor.cancel(root, args.indices)
         args = study_parser().parse_args(argv)
         from jobs.commands import run_study

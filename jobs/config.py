@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -221,6 +222,22 @@ def load_config(config_file: str | Path | None, overrides: typing.Sequence[str] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
+    _apply_overrides(raw, overrides, problems)
+    from jobs.slurm_template import with_template_resources  # the cluster's presets, beneath this config
+    config = _build(StudyConfig, with_template_resources(raw), "", problems)
+    problems.extend(_check_semantics(config))
+    if problems:
+        listing = "; ".join(problems)
+        raise ConfigError(f"{where}: {len(problems)} problem(s): {listing}")
+    # Data paths may name {results_root}, so a study's inputs can live inside its own root.
+    root = config.study.results_root
+    data = dataclasses.replace(config.data, train_path=config.data.train_path.replace("{results_root}", root),
+                               eval_data_dir=config.data.eval_data_dir.replace("{results_root}", root),
+                               hub_mirror_dir=config.data.hub_mirror_dir.replace("{results_root}", root))
+    return dataclasses.replace(config, data=data, source=str(config_file or ""))
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str], problems: list[str]) -> None:
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key or not all(key.split(".")):
@@ -240,18 +257,19 @@ def load_config(config_file: str | Path | None, overrides: typing.Sequence[str] 
             node = child
         else:
             node[leaf] = parsed
-    from jobs.slurm_template import with_template_resources  # the cluster's presets, beneath this config
-    config = _build(StudyConfig, with_template_resources(raw), "", problems)
-    problems.extend(_check_semantics(config))
+
+
+def with_overrides(config: StudyConfig, overrides: typing.Sequence[str], where: str) -> StudyConfig:
+    """``config`` with dotted ``key=value`` overrides applied and everything checked again."""
+    # Through JSON, as a manifest stores it: tuples become the lists the YAML boundary expects.
+    raw = {key: value for key, value in json.loads(json.dumps(dataclasses.asdict(config))).items() if key != "source"}
+    problems: list[str] = []
+    _apply_overrides(raw, overrides, problems)
+    updated = _build(StudyConfig, raw, "", problems)
+    problems.extend(_check_semantics(updated) if not problems else [])
     if problems:
-        listing = "; ".join(problems)
-        raise ConfigError(f"{where}: {len(problems)} problem(s): {listing}")
-    # Data paths may name {results_root}, so a study's inputs can live inside its own root.
-    root = config.study.results_root
-    data = dataclasses.replace(config.data, train_path=config.data.train_path.replace("{results_root}", root),
-                               eval_data_dir=config.data.eval_data_dir.replace("{results_root}", root),
-                               hub_mirror_dir=config.data.hub_mirror_dir.replace("{results_root}", root))
-    return dataclasses.replace(config, data=data, source=str(config_file or ""))
+        raise ConfigError(f"{where}: {len(problems)} problem(s): {'; '.join(problems)}")
+    return dataclasses.replace(updated, source=config.source)
 
 
 def config_from_dict(raw: dict[str, Any]) -> StudyConfig:

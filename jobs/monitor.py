@@ -7,6 +7,7 @@ shown as "incomplete" and resubmitted like a failure.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import slurm
-from jobs.config import StudyConfig
+from jobs.config import StudyConfig, with_overrides
 from jobs.errors import InputError
 from jobs.manifest import Manifest, load_manifest
 from jobs.plan import build_plan, describe
@@ -152,9 +153,28 @@ def needs_rerun(row: Row) -> bool:
     return not row.done and not row.active and row.state != "not submitted" or row.state == "incomplete"
 
 
-def resubmit(results_root: str, indices: list[int] | None, stage: str, dry_run: bool = False) -> int:
+# What a resubmission may change: where and how its tasks run, never what they compute, so that every pair of a
+# study keeps the recipe it was submitted with.
+RESUBMIT_OVERRIDABLE = ("resources.", "executor.")
+
+
+def resubmit(results_root: str, indices: list[int] | None, stage: str, dry_run: bool = False,
+             overrides: list[str] | None = None) -> int:
     manifest = load_manifest(results_root)
     config = manifest.study_config()
+    changes = [item for item in overrides or () if not item.startswith("study.results_root=")]
+    if changes:  # the submission's own overrides may be repeated; only resources and executor may differ
+        updated = with_overrides(config, changes, "resubmit overrides")
+        before, after = _flat(dataclasses.asdict(config)), _flat(dataclasses.asdict(updated))
+        refused = sorted(key for key in after if after[key] != before.get(key)
+                         and not key.startswith(RESUBMIT_OVERRIDABLE) and key != "source")
+        if refused:
+            raise InputError(f"resubmit: {', '.join(f'{key}={after[key]!r}' for key in refused)} differs from the "
+                             "submitted study; a resubmission may change only resources.* and executor.* (e.g. "
+                             "resources.finetune.mem_gb=128 after OUT_OF_MEMORY), so start a new study (another "
+                             "study.results_root) to change the recipe")
+        changes = [key for key in after if after[key] != before.get(key)]
+        config = updated
     pairs = select_pairs(config)
     if indices:
         bad = [index for index in indices if not 0 <= index < len(pairs)]
@@ -195,7 +215,10 @@ def resubmit(results_root: str, indices: list[int] | None, stage: str, dry_run: 
     print(f"resubmitting indices {','.join(map(str, chosen))}:\n{describe(plan)}", flush=True)
     submitted = slurm.submit_plan(config, plan, dry_run=dry_run)
     if not dry_run:
-        manifest.add_attempt(submitted, f"resubmit of indices {','.join(map(str, chosen))} ({stage})")
+        reason = f"resubmit of indices {','.join(map(str, chosen))} ({stage})"
+        manifest.add_attempt(submitted, reason + (f" with new {', '.join(changes)}" if changes else ""))
+        if changes:  # later status and resubmissions use the resources that were last asked for
+            manifest.config = dataclasses.asdict(config)
         manifest.save()
     for array in submitted:
         print(f"{array.name}: job {array.job_id} ({len(array.pairs) or 1} task(s))")
@@ -215,3 +238,14 @@ def cancel(results_root: str, indices: list[int] | None) -> int:
     slurm.cancel(sorted(set(targets)))
     print(f"cancelled {len(set(targets))} task(s)" + (f": {' '.join(sorted(set(targets)))}" if targets else ""))
     return 0
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{dotted key: value} of a nested config dict."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -18,6 +18,7 @@ from jobs.config import load_config
 from jobs.manifest import load_manifest
 from jobs.state import is_done
 from jobs.study import Pair, StudyPaths, select_pairs
+from tests.cli_helpers import assert_one_line_error
 from tests.slurm_cluster import (REPO, cluster_unavailable, launch, sacct_times, start_cluster, stop_cluster,
                                  wait_for_study, wait_until)
 
@@ -137,11 +138,18 @@ def test_failures_are_resubmitted_by_index(cluster, tmp_path):
     assert state[(Pair("Qwen", "best_ppl"), "evaluate_finetuned")] == "COMPLETED"
 
     shutil.copy(tmp_path / "good.safetensors", weights)  # the user fixes the broken checkpoint
-    again = launch("resubmit", *args)
+    recipe = launch("resubmit", *args, "finetune.learning_rate=1e-3")
+    assert_one_line_error(recipe, "finetune.learning_rate=0.001 differs", "only resources.* and executor.*")
+    again = launch("resubmit", *args, "resources.finetune.time_min=17")  # more time for the retry
     assert again.returncode == 0, again.stderr
     assert "resubmitting indices 0,2" in again.stdout, again.stdout
     manifest = load_manifest(root)
     assert len(manifest.attempts) == 2
+    assert manifest.study_config().resources.finetune.time_min == 17
+    retry_finetune = manifest.attempts[1].arrays[0]
+    assert retry_finetune.name == "finetune"
+    script = Path(retry_finetune.sbatch_file) / f"{retry_finetune.job_id}_submission.sh"
+    assert "#SBATCH --time=17" in script.read_text()
     retry = {array.name: array for array in manifest.attempts[1].arrays}
     assert retry["finetune"].pairs == (broken.slug, cancelled.slug)  # only the failed indices
     assert "Qwen__best_ppl" not in json.dumps([array.pairs for array in manifest.attempts[1].arrays])
