@@ -262,7 +262,8 @@ def _apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str], probl
 def with_overrides(config: StudyConfig, overrides: typing.Sequence[str], where: str) -> StudyConfig:
     """``config`` with dotted ``key=value`` overrides applied and everything checked again."""
     # Through JSON, as a manifest stores it: tuples become the lists the YAML boundary expects.
-    raw = {key: value for key, value in json.loads(json.dumps(dataclasses.asdict(config))).items() if key != "source"}
+    raw = json.loads(json.dumps(dataclasses.asdict(config)))
+    raw.pop("source", None)
     problems: list[str] = []
     _apply_overrides(raw, overrides, problems)
     updated = _build(StudyConfig, raw, "", problems)
@@ -410,6 +411,12 @@ def iter_fields(cls: type = StudyConfig, prefix: str = "") -> typing.Iterator[tu
             yield from _iter_instance(getattr(instance, item.name), f"{prefix}{item.name}.")
         else:
             yield f"{prefix}{item.name}", hint, getattr(instance, item.name)
+
+
+def settings_of(config: StudyConfig) -> dict[str, Any]:
+    """{dotted key: value} of every leaf setting of ``config`` (internal fields left out)."""
+    return {key: value for item in fields(config) if not item.metadata.get("internal")
+            for key, _, value in _iter_instance(getattr(config, item.name), f"{item.name}.")}
 
 
 def _iter_instance(instance: Any, prefix: str) -> typing.Iterator[tuple[str, Any, Any]]:

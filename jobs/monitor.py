@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import slurm
-from jobs.config import StudyConfig, with_overrides
+from jobs.config import StudyConfig, settings_of, with_overrides
 from jobs.errors import InputError
 from jobs.manifest import Manifest, load_manifest
 from jobs.plan import build_plan, describe
@@ -165,15 +165,14 @@ def resubmit(results_root: str, indices: list[int] | None, stage: str, dry_run: 
     changes = [item for item in overrides or () if not item.startswith("study.results_root=")]
     if changes:  # the submission's own overrides may be repeated; only resources and executor may differ
         updated = with_overrides(config, changes, "resubmit overrides")
-        before, after = _flat(dataclasses.asdict(config)), _flat(dataclasses.asdict(updated))
-        refused = sorted(key for key in after if after[key] != before.get(key)
-                         and not key.startswith(RESUBMIT_OVERRIDABLE) and key != "source")
+        before, after = settings_of(config), settings_of(updated)
+        refused = sorted(key for key in after if after[key] != before[key] and not key.startswith(RESUBMIT_OVERRIDABLE))
         if refused:
             raise InputError(f"resubmit: {', '.join(f'{key}={after[key]!r}' for key in refused)} differs from the "
                              "submitted study; a resubmission may change only resources.* and executor.* (e.g. "
                              "resources.finetune.mem_gb=128 after OUT_OF_MEMORY), so start a new study (another "
                              "study.results_root) to change the recipe")
-        changes = [key for key in after if after[key] != before.get(key)]
+        changes = [key for key in after if after[key] != before[key]]
         config = updated
     pairs = select_pairs(config)
     if indices:
@@ -239,13 +238,3 @@ def cancel(results_root: str, indices: list[int] | None) -> int:
     print(f"cancelled {len(set(targets))} task(s)" + (f": {' '.join(sorted(set(targets)))}" if targets else ""))
     return 0
 
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{dotted key: value} of a nested config dict."""
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

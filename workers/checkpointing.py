@@ -88,7 +88,7 @@ def latest_valid_checkpoint(folder: Path) -> Path | None:
 def discard_unusable(folder: Path, keep: Path | None) -> None:
     """Delete checkpoints that cannot be resumed from or are newer than ``keep`` (rank 0, before training), so
     the Trainer's rotation never counts a broken folder as one of the checkpoints it keeps."""
-    keep_step = int(_STEP.match(keep.name).group(1)) if keep else -1
+    keep_step = step_of(keep) if keep else -1
     for step, path in checkpoint_steps(folder):
         if step > keep_step or (step < keep_step and marker_problem(path) is not None):
             log.warning("removing unusable checkpoint %s", path)

@@ -80,11 +80,16 @@ def run(config: StudyConfig, pair: Pair) -> None:
 
 
 class TrainingInterrupted(RuntimeError):
-    """Stopped by the warning signal after saving a checkpoint; the next attempt resumes from it."""
+    """Stopped by a signal (SLURM's warning, or SIGTERM) after saving a checkpoint; the next attempt resumes from it."""
+
+
+def slurm_restarts() -> int:
+    """How many times SLURM has requeued this job (0 outside SLURM or on the first run)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def _hand_over_signal(config: StudyConfig, pair: Pair, stop: checkpointing.StopOnSignal, step: int) -> None:
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    restarts = slurm_restarts()
     resume_hint = f"`launch.py resubmit` resumes it from checkpoint-{step}"
     if not stop.received:  # SIGTERM only: cancelled, or requeued from outside; nothing for us to requeue
         raise TrainingInterrupted(f"{pair.label}: terminated at step {step} after saving checkpoint-{step}; a "
@@ -208,8 +213,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     progress = LogLines(pair.label, out_dir / "progress.json" if rank == 0 else None)
     if resume:
         progress.restore(checkpointing.read_log_lines(resume))
-        progress.lines.append(f"resumed from {resume.name} (SLURM restart count "
-                              f"{os.environ.get('SLURM_RESTART_COUNT', '0')})")
+        progress.lines.append(f"resumed from {resume.name} (SLURM restart count {slurm_restarts()})")
         log.info("%s: resuming from %s", pair.label, resume)
     marker = checkpointing.CheckpointMarker(checkpoints, rank == 0, lambda: {**progress.state(), "key": resume_key})
     trainer_class, extra = (Trainer, {}) if packing is None else (PackedTrainer, {"packing": packing})
@@ -289,7 +293,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
             "checkpoint_steps": tune.checkpoint_steps,
             "checkpoint_minutes": tune.checkpoint_minutes,
             "resumed_from_step": resumed_step,
-            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "slurm_restart_count": slurm_restarts(),
         },
         "base_model": {"path": str(model_path), "format": model_format},
         "train_path": str(config.data.train_path),
