@@ -142,6 +142,15 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path: Path, monkeypatch
     assert record(folder)["settings"]["learning_rate"] == 1e-3
 
 
+def test_changing_only_how_often_to_checkpoint_keeps_the_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    config = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off", "finetune.max_steps=8")
+    folder = interrupted_run(config, monkeypatch, 7, "crash", InjectedCrash)
+    rerun = tiny_study(tmp_path, *SETTINGS, "finetune.packing=off", "finetune.max_steps=8",
+                       "finetune.checkpoint_minutes=5", "finetune.max_requeues=1")
+    finetune.run(rerun, PAIR)
+    assert record(folder)["derived"]["resumed_from_step"] == 6
+
+
 def test_time_based_checkpoints_without_a_step_interval(tmp_path: Path, monkeypatch) -> None:
     """finetune.checkpoint_minutes alone: a save whenever that much time has passed (here: every step)."""
     config = tiny_study(tmp_path, "finetune.micro_batch_size=4", "finetune.logging_steps=1", "finetune.packing=off",

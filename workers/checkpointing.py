@@ -95,11 +95,15 @@ def discard_unusable(folder: Path, keep: Path | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+# How a run survives, not what it trains: changing these between attempts keeps the checkpoints.
+OPERATIONAL_SETTINGS = ("checkpoint_steps", "checkpoint_minutes", "keep_checkpoints", "max_requeues")
+
+
 def recipe_key(settings: Any, world_size: int, model_path: Path, train_path: str, packed: bool) -> str:
     """What a checkpoint must have been trained with to be resumed: the same recipe, data, model and ranks
     (a ZeRO optimizer state is sharded per rank, and a changed recipe would silently mix two runs)."""
-    text = json.dumps([dataclasses.asdict(settings), world_size, str(model_path), str(train_path), packed],
-                      sort_keys=True, default=str)
+    recipe = {key: value for key, value in dataclasses.asdict(settings).items() if key not in OPERATIONAL_SETTINGS}
+    text = json.dumps([recipe, world_size, str(model_path), str(train_path), packed], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
