@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Evaluation throughput: lm-eval's HF backend (batch 1 and 64) against our ``prunetune`` backend, one run.
 
-    # one H100 (about 5-6 min with model init; no network needed)
-    python3 benchmarks/eval_throughput.py --docs-per-task 300 --b1-docs-per-task 20
+    # one H100, full sets for ours and hf@64, 20 docs per task at batch 1 (about 8 min; no network needed)
+    python3 benchmarks/eval_throughput.py --no-fp32-reference
     # CPU smoke check of the whole script (tiny model, data at 5% of the real sizes)
     .venv/bin/python benchmarks/eval_throughput.py --tiny
 
@@ -18,13 +18,15 @@ Llama-3 token counts, so prompts and continuations are about as long as with the
 What is timed, in one process on one model:
 - ``build``: lm-eval loading the seven full data sets and building all their requests (the same for every
   backend: lm-eval does it); also gives the full sets' request counts.
-- per backend, each task as its own lm-eval run (as ``workers/evaluate.py`` runs them) on the first
-  ``--docs-per-task`` docs (``--b1-docs-per-task`` for batch 1): the time inside ``loglikelihood`` (scoring),
-  extrapolated per task to the full set by request count, plus ``build``, gives the full seven tasks' time.
-  Subsampling keeps the run within ~7 minutes: lm-eval at batch 64 alone needs ~3 min for the full sets.
+- per backend, each task as its own lm-eval run (as ``workers/evaluate.py`` runs them), in the same lm-eval
+  session as the worker's (``zero_shot.lm_eval_session``: templates compiled once, for every backend). With
+  ``--docs-per-task 0`` (the default) ours and hf@64 run the full sets and their wall time is measured end to
+  end (build, tokenizing, scoring, metrics). Batch 1 runs ``--b1-docs-per-task`` docs: its time inside
+  ``loglikelihood`` (scoring), extrapolated per task to the full set by request count, plus ``build``.
 - ``hf@64/fp32``: HF at batch 64 with ``softmax_dtype=float32``, the numerically like-for-like reference
   (HF's default takes log-probs in bf16, rounding each and their sum to bf16).
-- perplexity (``workers.perplexity``, LLM-Pruner's recipe, seq 128) on both texts at batch 8 and 64.
+- perplexity (``workers.perplexity``, LLM-Pruner's recipe, seq 128) on both texts at batch 64 (our default)
+  and 8; the total uses the default.
 Checks: every task's acc and acc_norm of ``prunetune`` against ``hf@64`` and ``hf@64/fp32`` (identical or
 not, and how many docs' predictions differ), max |log-likelihood difference| per request; ``hf@1`` against
 ``hf@64`` on its docs shows what bf16 rounding alone moves.
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import sys
 import tempfile
@@ -48,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from jobs.config import ZERO_SHOT_TASKS, DataSettings  # noqa: E402
+from jobs.config import ZERO_SHOT_TASKS, DataSettings, EvaluateSettings  # noqa: E402
 from workers import zero_shot  # noqa: E402
 from workers.fast_lm import PruneTuneLM  # noqa: E402
 from workers.perplexity import compute_perplexity  # noqa: E402
@@ -207,7 +208,7 @@ def build_all(data: DataSettings, tokenizer: Any) -> tuple[float, dict[str, int]
     """Seconds lm-eval takes to load the full sets and build every request; requests per task; the mean
     context and continuation lengths in tokens per task (to compare with the real data's)."""
     started = time.perf_counter()
-    with zero_shot._quiet_lm_eval(), zero_shot.offline_hub():
+    with zero_shot.lm_eval_session(), zero_shot.offline_hub():
         tasks = zero_shot.task_manager_for(data, ZERO_SHOT_TASKS).load(list(ZERO_SHOT_TASKS))["tasks"]
         for task in tasks.values():
             task.build_all_requests(limit=None)
@@ -240,9 +241,9 @@ def run_backend(lm: Any, data: DataSettings, docs: int) -> dict[str, Any]:
     per_task = {}
     for task in ZERO_SHOT_TASKS:
         before, started = dict(spent), time.perf_counter()
-        with zero_shot._quiet_lm_eval(), zero_shot.offline_hub():
+        with zero_shot.lm_eval_session(), zero_shot.offline_hub():
             results = lm_eval.evaluator.simple_evaluate(
-                model=lm, tasks=[task], num_fewshot=0, limit=docs, log_samples=True,
+                model=lm, tasks=[task], num_fewshot=0, limit=docs or None, log_samples=True,
                 task_manager=zero_shot.task_manager_for(data, ZERO_SHOT_TASKS))
         metrics = results["results"][task]
         per_task[task] = {"wall_s": time.perf_counter() - started,
@@ -295,14 +296,17 @@ def perplexity_times(model: torch.nn.Module, tokenizer: Any, folder: Path, batch
 
 
 def summarize(name: str, per_task: dict[str, Any], full_requests: dict[str, int], build_s: float) -> dict[str, Any]:
-    """Measured scoring per task, extrapolated to the full set by requests, plus lm-eval's full build time."""
+    """Full sets run: the measured wall time of the seven lm-eval runs. Subsampled: the measured scoring per
+    task, extrapolated to the full set by requests, plus lm-eval's full build time."""
     requests = sum(entry["requests"] for entry in per_task.values())
     scoring = sum(entry["scoring_s"] for entry in per_task.values())
+    wall = sum(entry["wall_s"] for entry in per_task.values())
     full_scoring = sum(entry["scoring_s"] * full_requests[task] / max(1, entry["requests"])
                        for task, entry in per_task.items())
+    measured = requests == sum(full_requests.values())
     return {"run": name, "requests": requests, "scoring_s": scoring, "requests_per_s": requests / scoring,
-            "wall_s": sum(entry["wall_s"] for entry in per_task.values()), "full_scoring_s": full_scoring,
-            "full_tasks_s": build_s + full_scoring,
+            "wall_s": wall, "full_scoring_s": full_scoring, "measured_full": measured,
+            "full_tasks_s": wall if measured else build_s + full_scoring,
             "per_task_requests_per_s": {task: entry["requests"] / entry["scoring_s"]
                                         for task, entry in per_task.items()}}
 
@@ -311,11 +315,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and data at 5%% of the real sizes (CPU)")
-    parser.add_argument("--docs-per-task", type=int, default=300, help="docs per task timed for batch 64 and ours")
+    parser.add_argument("--docs-per-task", type=int, default=0,
+                        help="docs per task timed for batch 64 and ours (0: the full sets, measured end to end)")
     parser.add_argument("--b1-docs-per-task", type=int, default=20, help="docs per task timed for HF batch 1")
     parser.add_argument("--hf-batch-size", type=int, default=64)
-    parser.add_argument("--ppl-batch-sizes", default="8,64", help="perplexity batch sizes to time (8: our default)")
+    parser.add_argument("--ppl-batch-sizes", default="64,8", help="perplexity batch sizes to time (64: our default)")
     parser.add_argument("--no-fp32-reference", action="store_true", help="skip HF with softmax_dtype=float32")
+    parser.add_argument("--runs", default="prunetune,hf@64,hf@1",
+                        help="which runs, comma-separated (hf@N is the reference for the comparisons; with "
+                             "--hf-batch-size N); hf@N/fp32 runs unless --no-fp32-reference")
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -358,6 +366,8 @@ def main() -> None:
                                                                    batch_size=args.hf_batch_size,
                                                                    softmax_dtype=torch.float32),
                      args.docs_per_task))
+    wanted = set(args.runs.split(",")) | {f"hf@{args.hf_batch_size}/fp32"}
+    plan = [entry for entry in plan if entry[0] in wanted]
     fallback = None
     for name, make, docs_per_task in plan:
         run_started = time.perf_counter()
@@ -370,7 +380,7 @@ def main() -> None:
 
     hf_name = f"hf@{args.hf_batch_size}"
     summaries = [summarize(name, per_task, full_requests, build_s) for name, per_task in runs.items()]
-    reference = next(summary for summary in summaries if summary["run"] == hf_name)
+    reference = next((summary for summary in summaries if summary["run"] == hf_name), summaries[0])
     print(f"\nDevice: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}; "
           f"model {'tiny' if args.tiny else '6.7B pruned-Llama-3 shape'}; full sets: "
           f"{sum(full_requests.values())} requests; lm-eval build of the full sets {build_s:.1f}s")
@@ -378,8 +388,9 @@ def main() -> None:
           "| speedup vs " + hf_name + " |\n|---|---|---|---|---|---|---|")
     for summary in summaries:
         docs_per_task = args.b1_docs_per_task if summary["run"] == "hf@1" else args.docs_per_task
-        print(f"| {summary['run']} | {docs_per_task} | {summary['requests']} | {summary['scoring_s']:.1f} | "
-              f"{summary['requests_per_s']:.0f} | {summary['full_tasks_s'] / 60:.2f} | "
+        how = "measured" if summary["measured_full"] else "extrapolated"
+        print(f"| {summary['run']} | {docs_per_task or 'all'} | {summary['requests']} | {summary['scoring_s']:.1f} | "
+              f"{summary['requests_per_s']:.0f} | {summary['full_tasks_s'] / 60:.2f} ({how}) | "
               f"{reference['full_tasks_s'] / summary['full_tasks_s']:.2f}x |")
     print("\nrequests/s per task: " + "; ".join(
         f"{summary['run']}: " + ", ".join(f"{task} {rate:.0f}" for task, rate in summary["per_task_requests_per_s"]
@@ -387,18 +398,21 @@ def main() -> None:
     print("\n| perplexity | batch | tokens | seconds | ppl |\n|---|---|---|---|---|")
     for row in ppl:
         print(f"| {row['dataset']} | {row['batch_size']} | {row['tokens']} | {row['seconds']:.1f} | {row['ppl']:.1f} |")
-    best_ppl = min(sum(row["seconds"] for row in ppl if row["batch_size"] == size)
-                   for size in {row["batch_size"] for row in ppl})
-    ours = next(summary for summary in summaries if summary["run"] == "prunetune")
+    sizes = {row["batch_size"] for row in ppl}
+    ppl_size = EvaluateSettings.ppl_batch_size if EvaluateSettings.ppl_batch_size in sizes else min(sizes)
+    best_ppl = sum(row["seconds"] for row in ppl if row["batch_size"] == ppl_size)
+    ours = next((summary for summary in summaries if summary["run"] == "prunetune"), reference)
     total_ours, total_hf = ours["full_tasks_s"] + best_ppl, reference["full_tasks_s"] + best_ppl
-    print(f"\nFull evaluation of one model (7 tasks incl. build + both PPLs at the faster batch, {best_ppl:.1f}s): "
+    print(f"\nFull evaluation of one model (7 tasks incl. build + both PPLs at batch {ppl_size}, {best_ppl:.1f}s): "
           f"{hf_name} {total_hf / 60:.2f} min, prunetune {total_ours / 60:.2f} min: {total_hf / total_ours:.2f}x "
           f"(target: >= 2x and <= 1.5 min)")
     if fallback:
         print(f"WARNING: prunetune fell back to HFLM's scoring: {fallback}")
 
-    checks = {name: compare(runs["prunetune"], runs[name]) for name in runs if name != "prunetune"}
-    checks["hf@1 vs " + hf_name] = compare(runs["hf@1"], runs[hf_name])
+    checks = {name: compare(runs["prunetune"], runs[name]) for name in runs if name != "prunetune" and
+              "prunetune" in runs}
+    if "hf@1" in runs and hf_name in runs:
+        checks["hf@1 vs " + hf_name] = compare(runs["hf@1"], runs[hf_name])
     print("\n| comparison | task | docs | scores identical | docs differing | max abs Δ loglik | greedy flags "
           "differing | acc (a / b) | acc_norm (a / b) |\n|---|---|---|---|---|---|---|---|---|")
     for label, report in checks.items():

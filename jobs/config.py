@@ -112,7 +112,7 @@ class EvaluateSettings:
 
     ppl_datasets: tuple[str, ...] = PPL_DATASETS  # perplexity datasets
     ppl_seq_len: int = 128  # tokens per perplexity window (LLM-Pruner: 128)
-    ppl_batch_size: int = 8  # perplexity windows per forward pass
+    ppl_batch_size: int = 64  # perplexity windows per forward pass (fp32 logits are upcast 8 windows at a time)
     ppl_add_bos: bool = False  # false: one BOS at the start of the text, as LLM-Pruner; true: BOS in every window
     tasks: tuple[str, ...] = ZERO_SHOT_TASKS  # lm-eval zero-shot tasks
     batch_size: int = 16  # lm-eval batch size: rows per pass for hf (prunetune fills each pass with up to 16k tokens)

@@ -44,7 +44,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def run_tasks(lm: Any, data: DataSettings, tasks: tuple[str, ...]) -> dict[str, Any]:
     import lm_eval.evaluator
 
-    with zero_shot._quiet_lm_eval(), zero_shot.offline_hub():
+    with zero_shot.lm_eval_session(), zero_shot.offline_hub():
         return lm_eval.evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0,
                                                  task_manager=zero_shot.task_manager_for(data, tasks),
                                                  log_samples=True)

@@ -35,6 +35,7 @@ errors, 0.5 per token) or if the attention implementation cannot take a custom 4
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,10 @@ from typing import Any
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
+
+from workers.fused_norm import fused_rms_norms
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ HEAD_CHUNK_ELEMENTS = 2**28  # positions x vocabulary per LM-head chunk: 1 GB of
 # Per-token log-prob agreement the first-call check asks of HFLM's own computation: float rounding only.
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 HALF_CHECK_TOLERANCE = 0.5  # bf16/fp16: kernel and shape differences compound over the layers
+ENCODING_CHECKS = 32  # requests per loglikelihood call also encoded lm-eval's way, to compare
 
 
 @dataclass
@@ -107,6 +112,24 @@ class Layout:
     counts: list[int]  # scored positions per continuation, group after group, in order
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One batch's per-token log-probs and greedy flags, still on the device until ``collect``."""
+
+    logprobs: torch.Tensor  # [scored]
+    greedy: torch.Tensor  # [scored]
+    counts: list[int]  # scored positions per continuation, in order
+
+    def collect(self) -> list[tuple[float, bool]]:
+        """(sum of log-probs, all greedy) per continuation; waits for the device."""
+        values, flags = self.logprobs.tolist(), self.greedy.tolist()
+        results, start = [], 0
+        for count in self.counts:
+            results.append((sum(values[start:start + count]), all(flags[start:start + count])))
+            start += count
+        return results
+
+
 def layout(groups: list[Group], pad_id: int) -> Layout:
     length = max(group.length for group in groups)
     ids, positions, segments = [], [], []
@@ -152,6 +175,14 @@ def tree_mask(position_ids: torch.Tensor, segments: torch.Tensor, window: int | 
     if window:
         mask &= (query_position - key_position) < window
     return mask[:, None]
+
+
+def _attention_kernels(device: Any) -> contextlib.AbstractContextManager:
+    """On CUDA, SDPA without cuDNN attention: cuDNN builds a plan for every new shape it sees (~0.1 s on an
+    H100), and nearly every batch here has a new shape (rows x longest row); the other kernels need no plan."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @register_model("prunetune")
@@ -214,10 +245,80 @@ class PruneTuneLM(HFLM):
                         f"{logprob:.6g} vs {theirs:.6g} ({str(dtype).removeprefix('torch.')})")
         return None
 
+    # ---------------------------------------------------------------- tokenizing
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's ``TemplateLM.loglikelihood`` with its tokenizing batched: one tokenizer call per kind.
+
+        lm-eval encodes each request with two ``tokenizer.encode`` calls (context + continuation, and context)
+        and decodes the BOS token again for each; for HellaSwag's 40,168 requests that was ~30% of lm-eval's
+        own time. Here every distinct string is encoded once, in batches (a fast tokenizer runs them in
+        parallel), with exactly ``_encode_pair``'s and ``tok_encode``'s rules; the first requests of every call
+        are also encoded lm-eval's way and compared, and any difference hands the call back to lm-eval.
+        """
+        if self.backend != "causal" or getattr(self, "enable_thinking", False) or not requests:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        pairs = [request.args for request in requests]
+        encoded = self._encode_pairs(pairs)
+        for (context, continuation), mine in zip(pairs[:ENCODING_CHECKS], encoded):
+            theirs = self._encode_pair(context, continuation) if context else None
+            if theirs is not None and tuple(map(list, mine)) != tuple(map(list, theirs)):
+                log.warning("prunetune backend: batched tokenizing differs from lm-eval's on %r; using lm-eval's",
+                            (context[-40:], continuation[:40]))
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return self._loglikelihood_tokens([(pair, context, continuation)
+                                           for pair, (context, continuation) in zip(pairs, encoded)],
+                                          disable_tqdm=disable_tqdm)
+
+    def _encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """(context ids, continuation ids) of every pair, as lm-eval's loglikelihood makes them."""
+        bos = self.tokenizer.decode(self.prefix_token_id)
+        default = None if self.add_bos_token is None else bool(self.add_bos_token)  # None: the tokenizer's own
+        # (string, add_special_tokens) pairs to encode; None leaves the tokenizer's default, as tok_encode does
+        Key = tuple[str, bool | None]
+
+        def key(text: str) -> Key:  # tok_encode: no special tokens for a string that starts with the BOS text
+            return text, (False if text.startswith(bos) else default)
+
+        plans: list[tuple[Key | None, Key]] = []
+        for context, continuation in pairs:
+            if not context:  # lm-eval: the prefix token (BOS/EOS) is the context
+                plans.append((None, (continuation, False)))
+                continue
+            spaces = len(context) - len(context.rstrip())
+            if spaces:  # trailing spaces move to the continuation, as _encode_pair does
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            plans.append((key(context), key(context + continuation)))
+        wanted = dict.fromkeys(text for plan in plans for text in plan if text is not None)
+        ids: dict[Key, list[int]] = {}
+        for setting in (None, True, False):
+            texts = [text for text, value in wanted if value is setting]
+            if texts:
+                kwargs = {} if setting is None else {"add_special_tokens": setting}
+                ids.update(zip(((text, setting) for text in texts), self.tokenizer(texts, **kwargs)["input_ids"]))
+        encoded = []
+        for context, whole in plans:
+            if context is None:
+                tokens = ids[whole]
+                encoded.append(([self.prefix_token_id], tokens) if self.prefix_token_id != tokens[0]
+                               else (tokens[:1], tokens[1:]))
+            else:
+                context_ids = ids[context]
+                encoded.append((context_ids, ids[whole][len(context_ids):]))
+        return encoded
+
     # ---------------------------------------------------------------- scoring
 
     def _score(self, groups: list[Group]) -> list[tuple[float, bool]]:
         """(sum of log-probs, is greedy) of every continuation of ``groups``, group after group."""
+        return self._launch(groups).collect()
+
+    def _launch(self, groups: list[Group]) -> Scored:
+        """Queues the forward pass of ``groups`` on the device; ``collect()`` on the result waits for it.
+
+        Nothing here reads a device value back, so the caller can lay out the next batch on the CPU while the
+        GPU works on this one.
+        """
         decoder, head = self._parts
         batch = layout(groups, self.tokenizer.pad_token_id or 0)
         device = self.device
@@ -227,7 +328,7 @@ class PruneTuneLM(HFLM):
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
         targets = batch.targets.to(device)
         logprobs, greedy = [], []
-        with (torch.no_grad(),
+        with (torch.no_grad(), fused_rms_norms(decoder), _attention_kernels(device),
               torch.autocast(device_type=torch.device(device).type, dtype=self.mixed_precision_dtype,
                              enabled=self.mixed_precision_dtype is not None)):
             hidden = decoder(input_ids=batch.input_ids.to(device), attention_mask=mask,
@@ -242,12 +343,7 @@ class PruneTuneLM(HFLM):
                 target = targets[start:start + chunk]
                 logprobs.append(logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
                 greedy.append(logits.argmax(dim=-1) == target)
-        values, flags = torch.cat(logprobs).tolist(), torch.cat(greedy).tolist()
-        results, start = [], 0
-        for count in batch.counts:
-            results.append((sum(values[start:start + count]), all(flags[start:start + count])))
-            start += count
-        return results
+        return Scored(torch.cat(logprobs), torch.cat(greedy), batch.counts)
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
@@ -273,13 +369,19 @@ class PruneTuneLM(HFLM):
         answers: list[list[tuple[float, bool]]] = [[] for _ in groups]
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="Running loglikelihood requests (prunetune)")
-        done = 0
+
+        def finish(chosen: list[int], scored: Scored) -> None:
+            in_order = iter(scored.collect())
+            for number in chosen:
+                answers[number] = [next(in_order) for _ in groups[number].continuations]
+            bar.update(sum(requests_in[number] for number in chosen))
+
+        done, pending = 0, None  # pending: the batch on the device, collected after the next one is queued
         while done < len(order):
             longest = groups[order[done]].length
             chosen = order[done:done + max(1, self.max_tokens // longest)]
-            batch = [groups[number] for number in chosen]
             try:
-                scored = self._score(batch)
+                launched = (chosen, self._launch([groups[number] for number in chosen]))
             except torch.cuda.OutOfMemoryError:
                 if len(chosen) == 1:
                     raise
@@ -288,11 +390,12 @@ class PruneTuneLM(HFLM):
                             self.max_tokens)
                 torch.cuda.empty_cache()
                 continue
-            in_order = iter(scored)
-            for number, group in zip(chosen, batch):
-                answers[number] = [next(in_order) for _ in group.continuations]
-            bar.update(sum(requests_in[number] for number in chosen))
+            if pending is not None:
+                finish(*pending)
+            pending = launched
             done += len(chosen)
+        if pending is not None:
+            finish(*pending)
         bar.close()
 
         results = []

@@ -34,6 +34,7 @@ from jobs.config import DataSettings
 from jobs.errors import InputError
 from jobs.eval_data import EVAL_DATASETS, location
 from workers.eval_sources import as_data, load_rows
+from workers.fused_norm import fused_rms_norms
 
 JOINER = "\n\n"
 METHOD = ("LLM-Pruner PPLMetric: texts joined with \\n\\n, tokenized once, non-overlapping windows of seq_len, "
@@ -52,12 +53,18 @@ def window_token_ids(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n_windows * seq_len].reshape(n_windows, seq_len)
 
 
-def token_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """Flat NLL of predicting token t+1 from logits at t, for every window (reduction none, float32)."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = windows[:, 1:]
-    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                             shift_labels.reshape(-1), reduction="none")
+def token_nll(logits: torch.Tensor, windows: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Flat NLL of predicting token t+1 from logits at t, for every window (reduction none, float32).
+
+    ``chunk`` windows at a time are upcast: a 128k vocabulary makes fp32 logits 64 MB per 128-token window.
+    """
+    parts = []
+    for start in range(0, windows.size(0), chunk):
+        shift_logits = logits[start:start + chunk, :-1, :].float()
+        shift_labels = windows[start:start + chunk, 1:]
+        parts.append(torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                       shift_labels.reshape(-1), reduction="none"))
+    return torch.cat(parts)
 
 
 def _windows_for(tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, add_bos: bool
@@ -87,9 +94,10 @@ def compute_perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBas
     model.eval()
     nlls = []
     try:
-        for start in range(0, windows.size(0), batch_size):
-            batch = windows[start:start + batch_size].to(device)
-            nlls.append(token_nll(model(input_ids=batch).logits, batch).cpu())
+        with fused_rms_norms(model):
+            for start in range(0, windows.size(0), batch_size):
+                batch = windows[start:start + batch_size].to(device)
+                nlls.append(token_nll(model(input_ids=batch).logits, batch).cpu())
     finally:
         model.train(was_training)
     nll = torch.cat(nlls)
