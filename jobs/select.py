@@ -89,7 +89,7 @@ class Selection:
     pair: Pair
     winner: Candidate
     runner_up: Candidate | None
-    checkpoint_format: str  # hf | pickle
+    checkpoint_format: str  # hf | converted | pickle
     destination: Path
     entries: tuple[tuple[str, Path], ...]  # (name in destination, source path)
     state: str = "new"  # new | unchanged
@@ -344,6 +344,9 @@ def materialise(selection: Selection, search: Search, mode: str) -> None:
         raise
 
 
+FORMAT_NAMES = {"pickle": "llm-pruner pickle", "hf": "huggingface", "converted": "converted llm-pruner pickle"}
+
+
 def selection_record(selection: Selection, search: Search, mode: str) -> dict[str, Any]:
     winner = selection.winner
     return {
@@ -357,7 +360,7 @@ def selection_record(selection: Selection, search: Search, mode: str) -> dict[st
         "criterion": TIE_BREAK[selection.pair.config],
         "runner_up": selection.runner_up.brief() if selection.runner_up else None,
         "checkpoint": str(winner.path),
-        "format": "llm-pruner pickle" if selection.checkpoint_format == "pickle" else "huggingface",
+        "format": FORMAT_NAMES.get(selection.checkpoint_format, selection.checkpoint_format),
         "materialised_as": mode,
         "search": {"path": str(search.source.resolve()), "sha256": search.sha256, "format": search.file_format,
                    "candidates": len(search.candidates), "row": winner.where},

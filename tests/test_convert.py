@@ -6,6 +6,7 @@ pruned unevenly: MLP widths 96 and 40, and the second layer down to 3 query head
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import stat
@@ -19,6 +20,7 @@ import torch
 
 from jobs.checkpoints import SHAPES_FILE, find_checkpoint
 from tests.cli_helpers import assert_one_line_error
+from workers.modelio import load_converted
 
 REPO = Path(__file__).resolve().parent.parent
 HEAD_DIM = 16  # hidden 64 / 4 heads
@@ -159,3 +161,24 @@ def test_a_changed_pickle_makes_its_conversion_stale(study):
     run = launch("--model", "Llama", "--config", "best_ppl", "--stage", "finetune", "--dry-run", "--executor", "local",
                  *args)
     assert_one_line_error(run, "was converted from an older pytorch_model.bin", "python launch.py convert --path")
+
+
+def test_a_converted_model_with_tied_embeddings_loads_tied_and_exact(tmp_path):
+    """The converted loader skips the random init (it is most of an 8B model's loading time); tying, which
+    transformers does inside that init, must still happen."""
+    from safetensors.torch import save_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    config.save_pretrained(tmp_path)
+    save_model(model, str(tmp_path / "model.safetensors"))
+    (tmp_path / SHAPES_FILE).write_text(json.dumps({"tensors": {name: list(value.shape)
+                                                                for name, value in model.state_dict().items()}}))
+    loaded = load_converted(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -15,6 +15,10 @@ Why it is faster than HFLM (which runs one padded row ``context + continuation[:
 - **Little padding, large matmuls.** Rows (one per context) are sorted by length and cut into batches of at
   most ``max_tokens`` padded tokens (default 16,384 on a GPU), so a forward pass sees many thousands of tokens
   of nearly equal rows instead of ``batch_size`` rows.
+- **Less overhead around the model.** Requests are tokenized in batches with lm-eval's exact rules (each
+  distinct string once; the first requests of every call are checked against lm-eval's own encoding);
+  RMSNorm runs PyTorch's fused kernel (``workers.fused_norm``); attention skips cuDNN's per-shape planning;
+  the next batch is laid out while the GPU runs the current one.
 - **The LM head only where it is read.** The decoder returns hidden states; the LM head and an fp32
   log-softmax run only at the positions that predict a continuation token, in chunks of about 1 GB, instead
   of full-vocabulary logits (128k for Llama-3) at every position.
@@ -51,6 +55,7 @@ from workers.fused_norm import fused_rms_norms
 log = logging.getLogger(__name__)
 
 Request = tuple[Any, list[int], list[int]]  # ((context, continuation) strings or None, context ids, continuation ids)
+EncodingKey = tuple[str, bool | None]  # a string and its add_special_tokens (None: the tokenizer's default)
 
 GPU_MAX_TOKENS = 16384  # padded tokens per forward: big matmuls; a 7B model's activations stay a few GB
 CPU_MAX_TOKENS = 2048
@@ -178,8 +183,9 @@ def tree_mask(position_ids: torch.Tensor, segments: torch.Tensor, window: int | 
 
 
 def _attention_kernels(device: Any) -> contextlib.AbstractContextManager:
-    """On CUDA, SDPA without cuDNN attention: cuDNN builds a plan for every new shape it sees (~0.1 s on an
-    H100), and nearly every batch here has a new shape (rows x longest row); the other kernels need no plan."""
+    """On CUDA, SDPA without cuDNN attention: cuDNN plans every new shape it sees, and nearly every batch here
+    has a new one (rows x longest row). Leaving it out took HellaSwag's full set from 45.4 to 41.2 s on an
+    H100 (benchmarks/RESULTS.md); the flash and memory-efficient kernels need no plan."""
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
@@ -274,13 +280,11 @@ class PruneTuneLM(HFLM):
         """(context ids, continuation ids) of every pair, as lm-eval's loglikelihood makes them."""
         bos = self.tokenizer.decode(self.prefix_token_id)
         default = None if self.add_bos_token is None else bool(self.add_bos_token)  # None: the tokenizer's own
-        # (string, add_special_tokens) pairs to encode; None leaves the tokenizer's default, as tok_encode does
-        Key = tuple[str, bool | None]
 
-        def key(text: str) -> Key:  # tok_encode: no special tokens for a string that starts with the BOS text
+        def key(text: str) -> EncodingKey:  # tok_encode: no special tokens for a string that starts with the BOS text
             return text, (False if text.startswith(bos) else default)
 
-        plans: list[tuple[Key | None, Key]] = []
+        plans: list[tuple[EncodingKey | None, EncodingKey]] = []
         for context, continuation in pairs:
             if not context:  # lm-eval: the prefix token (BOS/EOS) is the context
                 plans.append((None, (continuation, False)))
@@ -290,7 +294,7 @@ class PruneTuneLM(HFLM):
                 context, continuation = context[:-spaces], context[-spaces:] + continuation
             plans.append((key(context), key(context + continuation)))
         wanted = dict.fromkeys(text for plan in plans for text in plan if text is not None)
-        ids: dict[Key, list[int]] = {}
+        ids: dict[EncodingKey, list[int]] = {}
         for setting in (None, True, False):
             texts = [text for text, value in wanted if value is setting]
             if texts:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
 from jobs.checkpoints import SHAPES_FILE, convert_command, find_checkpoint
@@ -63,7 +64,11 @@ def load_converted(folder: Path) -> PreTrainedModel:
     tensors from ``model.safetensors`` (``workers/convert.py``). Nothing is unpickled."""
     config = AutoConfig.from_pretrained(folder)
     shapes = read_json(folder / SHAPES_FILE)["tensors"]
-    model = AutoModelForCausalLM.from_config(config)
+    # Every weight is overwritten from safetensors below (strict), so skip the random init: for an 8B-class
+    # model it is most of the loading time. init_weights is what ties embeddings; tie them here instead.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
     for name, shape in shapes.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
