@@ -10,7 +10,8 @@ Builds a random-init Llama of the chosen shape, a tokenizer trained here and alp
 160 tokens, prompt masked), then runs the worker twice on the same data: ``finetune.packing=off``
 (LLM-Pruner's layout: micro batch 4, padded) and ``finetune.packing=on`` (the default on GPUs). It prints
 the real-token throughput each run recorded in its finetuning_config.json, and the steady-state throughput
-after ``--skip`` steps (the worker's own figure includes torch.compile and the first steps).
+after ``--skip`` steps (the worker's own figure includes torch.compile and the first steps), and how long each
+checkpoint save took (``--checkpoint-steps``).
 ``benchmarks/lora_throughput.py`` is the controlled kernel-level benchmark; this one shows the worker itself
 takes the fast path. Under torchrun each process is one rank of the real worker (ranks come from the launcher's
 environment, as from SLURM's); prepare the model first with ``--prepare-only``.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -43,13 +45,14 @@ WORDS = ("the model learns to follow short instructions about colours numbers an
 
 
 def rows(count: int, seed: int) -> list[dict[str, str]]:
+    """Alpaca-like rows whose token counts follow benchmarks/lora_throughput.py's (one word is one token here):
+    instruction ~14 tokens, an input in 40% of rows (~16), response ~84 (lognormal, long tail), so that with
+    the template about 163 tokens a row on average and about 18% reach the 256-token cutoff."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
-        out.append({"instruction": words(rng.randint(8, 30)), "input": words(rng.randint(0, 30)),
-                    "output": words(rng.randint(20, 160))})
-    return out
+    words = lambda mean, sigma: " ".join(rng.choice(WORDS) for _ in range(round(rng.lognormvariate(  # noqa: E731
+        math.log(mean), sigma)) + 1))
+    return [{"instruction": words(14, 0.5), "input": words(16, 0.9) if rng.random() < 0.4 else "",
+             "output": words(84, 0.9)} for _ in range(count)]
 
 
 def main() -> int:
@@ -60,6 +63,8 @@ def main() -> int:
     parser.add_argument("--deepspeed", default="none", help="finetune.deepspeed (none, zero2, ...)")
     parser.add_argument("--checkpoint-steps", type=int, default=0, help="finetune.checkpoint_steps (0: none)")
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the steady-state figure")
+    parser.add_argument("--logging-steps", type=int, default=10,
+                        help="finetune.logging_steps (the worker's default, 10; each log line waits for the GPU)")
     parser.add_argument("--work", help="folder for the model and data (kept; reused when already prepared)")
     parser.add_argument("--prepare-only", action="store_true", help="build model and data in --work, then stop")
     parser.add_argument("--tag", default="run", help="results go to <work>/<packing>-<tag>: one tag per run to compare")
@@ -81,7 +86,8 @@ def main() -> int:
     if args.prepare_only:
         return 0
     steady = StepClock(args.skip)
-    finetune.LogLines.on_step_end = steady.on_step_end  # a plain callback hook the worker's LogLines leaves unused
+    finetune.LogLines.on_step_end = steady.on_step_end  # plain callback hooks the worker's LogLines leaves unused
+    finetune.LogLines.on_save = steady.on_save
     results = []
     for variant in args.variants.split(","):
         study = load_config(None, [
@@ -89,7 +95,7 @@ def main() -> int:
             f"data.train_path={work / 'alpaca.json'}", f"finetune.packing={variant}",
             f"finetune.deepspeed={args.deepspeed}", f"finetune.checkpoint_steps={args.checkpoint_steps}",
             f"finetune.max_steps={args.steps}", "finetune.val_set_size=16", "finetune.eval_steps=1000",
-            "finetune.logging_steps=1", f"resources.finetune.gpus_per_node={os.environ.get('WORLD_SIZE', '1')}"])
+            f"finetune.logging_steps={args.logging_steps}", f"resources.finetune.gpus_per_node={os.environ.get('WORLD_SIZE', '1')}"])
         steady.reset()
         started = time.monotonic()
         finetune.run(study, Pair("Llama", "best_acc"))
@@ -103,6 +109,7 @@ def main() -> int:
         results.append({"packing": variant, "ranks": record["derived"]["world_size"],
                         "deepspeed": record["derived"]["deepspeed"], "tokens_per_s": round(metrics["train_tokens_per_s"]),
                         "steady_tokens_per_s": steady.tokens_per_s(tokens_per_step),
+                        "checkpoint_save_s": steady.saves,
                         "train_runtime_s": metrics["train_runtime_s"], "wall_s": round(wall, 1),
                         "steps": metrics["optimizer_steps"], "first_loss": round(metrics["first_train_loss"], 4),
                         "last_loss": round(metrics["last_train_loss"], 4),
@@ -117,27 +124,44 @@ def main() -> int:
 
 
 class StepClock:
-    """Wall time of each optimizer step end on this process, for a throughput that leaves out compile."""
+    """Wall time from the end of step ``skip`` to the end of the last step, for a throughput without compile.
+
+    It waits for the GPU at those two step ends only: a wait at every step would itself leave the GPU idle
+    while the next step is launched, which the worker alone does not do.
+    """
 
     def __init__(self, skip: int) -> None:
-        self.skip, self.times = skip, []
+        self.skip, self.times, self.saves, self.save_started = skip, [], [], 0.0
 
     def reset(self) -> None:
-        self.times = []
+        self.times, self.saves = [], []
 
     def on_step_end(self, args, state, control, **kwargs) -> None:  # bound as LogLines.on_step_end
-        import torch
+        ends_window = state.global_step in (self.skip, state.max_steps)
+        if not (ends_window or control.should_save):
+            return
+        now = _synchronized_now()
+        if ends_window:
+            self.times.append((state.global_step, now))
+        if control.should_save:  # the Trainer saves right after the step-end callbacks
+            self.save_started = now
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append((state.global_step, time.monotonic()))
+    def on_save(self, args, state, control, **kwargs) -> None:  # bound as LogLines.on_save
+        self.saves.append(round(_synchronized_now() - self.save_started, 2))
 
     def tokens_per_s(self, tokens_per_step: float) -> int | None:
-        timed = [entry for entry in self.times if entry[0] >= self.skip]
-        if len(timed) < 2:
+        if len(self.times) < 2:
             return None
-        steps, seconds = timed[-1][0] - timed[0][0], timed[-1][1] - timed[0][1]
+        steps, seconds = self.times[-1][0] - self.times[0][0], self.times[-1][1] - self.times[0][1]
         return round(tokens_per_step * steps / seconds)
+
+
+def _synchronized_now() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.monotonic()
 
 
 def prepare(work: Path, shape: str, steps: int) -> None:
@@ -146,11 +170,16 @@ def prepare(work: Path, shape: str, steps: int) -> None:
 
     from workers.demo_inputs import train_tokenizer
 
+    from workers.prompts import build_prompt, tokenize_example
+
     data = rows(64 * steps + 16, seed=0)
     (work / "alpaca.json").write_text(json.dumps(data))
-    corpus = work / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(row.values()) for row in data))
+    corpus = work / "corpus.txt"  # whole prompts, so the template's words become single tokens too
+    corpus.write_text("\n".join(build_prompt(row["instruction"], row["input"], row["output"]) for row in data))
     tokenizer = train_tokenizer([corpus], work / "tokenizer")
+    lengths = [len(tokenize_example(row, tokenizer, 256, False, True)["input_ids"]) for row in data]
+    print(json.dumps({"rows": len(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 1),
+                      "at_cutoff_pct": round(100 * sum(n >= 256 for n in lengths) / len(lengths), 1)}), flush=True)
     hidden, intermediate, layers, heads, kv_heads, vocab = SHAPES[shape]
     config = LlamaConfig(vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -316,31 +316,67 @@ def test_rank_zero_alone_writes_and_logs(two_ranks):
     assert [line for line in outputs[1].splitlines() if " INFO " in line and " INFO prunetune.task: " not in line] == []
 
 
-@pytest.mark.slow
-def test_one_process_runs_deepspeed_finetunes_back_to_back(tmp_path):
-    """The local executor's case: one process, no launcher, task after task. DeepSpeed must not fall back to
-    MPI discovery, the second DeepSpeed finetune must not trip over the first one's process group, and a
-    finetune without DeepSpeed afterwards must not inherit it."""
+@pytest.fixture(scope="module")
+def back_to_back(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """Three finetunes in one child process (zero2, zero2, none), each checkpointing after every step."""
     from tests.tiny_assets import build_tiny_llama, build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer")
-    build_tiny_llama(tmp_path / "pruned", tokenizer)
-    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca_rows(16)))
-    (tmp_path / "overrides.json").write_text(json.dumps([
-        f"study.results_root={tmp_path / 'results'}", f"study.pruned_model_path={tmp_path / 'pruned'}",
-        f"data.train_path={tmp_path / 'alpaca.json'}", "finetune.batch_size=8", "finetune.micro_batch_size=4",
-        "finetune.max_steps=2", "finetune.cutoff_len=64"]))
+    root = tmp_path_factory.mktemp("back_to_back")
+    tokenizer = build_tiny_tokenizer(root / "tokenizer")
+    build_tiny_llama(root / "pruned", tokenizer)
+    (root / "alpaca.json").write_text(json.dumps(alpaca_rows(16)))
+    (root / "overrides.json").write_text(json.dumps([
+        f"study.results_root={root / 'results'}", f"study.pruned_model_path={root / 'pruned'}",
+        f"data.train_path={root / 'alpaca.json'}", "finetune.batch_size=8", "finetune.micro_batch_size=4",
+        "finetune.max_steps=2", "finetune.cutoff_len=64", "finetune.checkpoint_steps=1", "finetune.logging_steps=1",
+        "finetune.keep_checkpoints=true"]))
     environment = {key: value for key, value in os.environ.items()
                    if not key.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "ACCELERATE_"))}
     environment.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
                         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))})
-    done = subprocess.run([sys.executable, __file__, str(tmp_path), "back-to-back"], cwd=REPO, env=environment,
+    done = subprocess.run([sys.executable, __file__, str(root), "back-to-back"], cwd=REPO, env=environment,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    runs = json.loads((tmp_path / "back_to_back.json").read_text())
+    return root, json.loads((root / "back_to_back.json").read_text())
+
+
+@pytest.mark.slow
+def test_one_process_runs_deepspeed_finetunes_back_to_back(back_to_back):
+    """The local executor's case: one process, no launcher, task after task. DeepSpeed must not fall back to
+    MPI discovery, the second DeepSpeed finetune must not trip over the first one's process group, and a
+    finetune without DeepSpeed afterwards must not inherit it."""
+    _, runs = back_to_back
     assert [run["deepspeed"] for run in runs] == ["zero2", "zero2", "none"]
     assert all(run["leftover_environment"] == [] for run in runs)  # RANK, MASTER_PORT, ACCELERATE_* restored
     assert all(run["optimizer_steps"] == 2 for run in runs)
+
+
+@pytest.mark.slow
+def test_zero2_checkpoints_save_the_trained_adapter_without_copying_the_model(back_to_back):
+    """workers/lora_trainer.py: a ZeRO-2 checkpoint's adapter comes from the model itself (accelerate's copy of
+    the whole state dict to CPU is never made), and it holds the LoRA weights DeepSpeed saved at that step."""
+    import torch
+    from safetensors.torch import load_file
+
+    root, runs = back_to_back
+    for run in runs[:2]:
+        assert run["full_state_dict_copies"] == 0
+        for step in (1, 2):
+            checkpoint = Path(run["checkpoints"]) / f"checkpoint-{step}"
+            adapter = load_file(str(checkpoint / "adapter_model.safetensors"))
+            assert adapter and all("lora_" in name for name in adapter)
+            # DeepSpeed's own file of the module's trainable weights at this step: plain tensors, no code.
+            saved = torch.load(checkpoint / f"global_step{step}" / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=True)["module"]
+            # peft names the adapter in the module ("lora_A.default.weight") and not in its file ("lora_A.weight")
+            lora_saved = {name.replace(".default.", "."): tensor for name, tensor in saved.items() if "lora_" in name}
+            assert sorted(lora_saved) == sorted(adapter)
+            assert all(torch.equal(lora_saved[name].to(tensor.dtype), tensor) for name, tensor in adapter.items())
+            # The gradient norm stays a tensor during the step; logging still turns it into a number.
+            history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+            assert all(isinstance(entry["grad_norm"], float) and entry["grad_norm"] > 0
+                       for entry in history if "loss" in entry)
+    assert runs[1]["lora_b_changed"]  # step 2's adapter differs from step 1's: the checkpoints track training
 
 
 # ------------------------------------------------------------------------ child process (one rank)
@@ -359,7 +395,7 @@ def child_main(root: Path) -> None:
     rank = int(os.environ["SLURM_PROCID"])
     sequences: list[str] = []
 
-    class RecordingTrainer(finetune.Trainer):
+    class RecordingTrainer(finetune.LoraTrainer):
         def training_step(self, model, inputs, *args, **kwargs):
             for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
                 sequences.append(hashlib.sha1(str(ids[mask.bool()].tolist()).encode()).hexdigest())
@@ -379,7 +415,7 @@ def child_main(root: Path) -> None:
                 "threads": torch.get_num_threads()}))
             return result
 
-    finetune.Trainer = RecordingTrainer
+    finetune.LoraTrainer = RecordingTrainer
     config = load_config(None, json.loads((root / "overrides.json").read_text()))
     run_task(TaskSpec("finetune", 0, "finetune", config, PAIR, (PAIR,)))
 
@@ -389,17 +425,36 @@ def back_to_back_main(root: Path) -> None:
     from jobs.plan import TaskSpec
     from workers.entry import run_task
 
+    import accelerate
+    from safetensors.torch import load_file
+
+    from workers.checkpointing import CHECKPOINTS
+
+    copies = []
+    copy_state_dict = accelerate.Accelerator.get_state_dict
+
+    def counted(self, *args, **kwargs):
+        copies.append(1)
+        return copy_state_dict(self, *args, **kwargs)
+
+    accelerate.Accelerator.get_state_dict = counted
     overrides = json.loads((root / "overrides.json").read_text())
     runs = []
     for model, deepspeed in (("Llama", "zero2"), ("Qwen", "zero2"), ("Mistral", "none")):
         config = load_config(None, [*overrides, f"finetune.deepspeed={deepspeed}"])
         pair = Pair(model, "best_acc")
+        copies.clear()
         run_task(TaskSpec("finetune", 0, "finetune", config, pair, (pair,)))
+        checkpoints = StudyPaths(config).finetuned_dir(pair) / CHECKPOINTS
+        first, second = (load_file(str(checkpoints / f"checkpoint-{step}" / "adapter_model.safetensors"))
+                         for step in (1, 2))
         record = json.loads((StudyPaths(config).finetuned_dir(pair) / "finetuning_config.json").read_text())
         leftover = sorted(key for key in os.environ
                           if key.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "ACCELERATE_")))
         runs.append({"deepspeed": record["derived"]["deepspeed"], "leftover_environment": leftover,
-                     "optimizer_steps": record["metrics"]["optimizer_steps"]})
+                     "optimizer_steps": record["metrics"]["optimizer_steps"], "full_state_dict_copies": len(copies),
+                     "checkpoints": str(checkpoints),
+                     "lora_b_changed": any(not first[name].equal(second[name]) for name in first if "lora_B" in name)})
     (root / "back_to_back.json").write_text(json.dumps(runs))
 
 

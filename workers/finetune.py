@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (DataCollatorForSeq2Seq, PreTrainedModel, PrinterCallback, Trainer, TrainerCallback,
+from transformers import (DataCollatorForSeq2Seq, PreTrainedModel, PrinterCallback, TrainerCallback,
                           TrainingArguments, set_seed)
 
 from jobs.checkpoints import find_checkpoint
@@ -51,6 +51,7 @@ from jobs.errors import InputError
 from jobs.state import atomic_write_json, atomic_write_text, clear_done, is_done, mark_done
 from jobs.study import Pair, StudyPaths, pickle_allowed
 from workers import checkpointing, distributed
+from workers.lora_trainer import LoraTrainer
 from workers.modelio import load_pruned_model, resolve_dtype
 from workers.packed_trainer import PackedTrainer, prepare_packing
 from workers.prompts import load_alpaca_examples, tokenize_example
@@ -205,8 +206,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if world_size > 1 else None,
         deepspeed=deepspeed_config,
-        # Reuse the accelerate state workers/distributed.py made from the process group (see its docstring).
-        accelerator_config={"use_configured_state": True} if run_info.configured_state else None,
+        accelerator_config=_accelerator_config(run_info, non_blocking=bool(packing) and on_gpu),
         report_to=[],
         disable_tqdm=True,  # progress goes to our log, one line per logging step
     )
@@ -216,7 +216,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         progress.lines.append(f"resumed from {resume.name} (SLURM restart count {slurm_restarts()})")
         log.info("%s: resuming from %s", pair.label, resume)
     marker = checkpointing.CheckpointMarker(checkpoints, rank == 0, lambda: {**progress.state(), "key": resume_key})
-    trainer_class, extra = (Trainer, {}) if packing is None else (PackedTrainer, {"packing": packing})
+    trainer_class, extra = (LoraTrainer, {}) if packing is None else (PackedTrainer, {"packing": packing})
     trainer = trainer_class(
         model=model,
         args=args,
@@ -311,6 +311,17 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     if not tune.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)  # only a resume needs them, and the adapter is done
     log.info("%s: adapter and records saved in %s", pair.label, out_dir)
+
+
+def _accelerator_config(run_info: distributed.DistributedRun, non_blocking: bool) -> dict[str, bool] | None:
+    config = {}
+    if run_info.configured_state:
+        config["use_configured_state"] = True  # the accelerate state workers/distributed.py made (see its docstring)
+    if non_blocking:
+        # Batches come from pinned memory; a blocking copy would make the CPU wait for the GPU every micro-batch.
+        # Only on the packed path: packing=off stays LLM-Pruner's recipe on the Trainer's defaults.
+        config["non_blocking"] = True
+    return config or None
 
 
 def clamp_val_size(requested: int, n_examples: int) -> int:

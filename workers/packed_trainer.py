@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from jobs.config import FinetuneSettings
+from workers.lora_trainer import LoraTrainer
 from workers.packed_model import prepare_model_for_packing
 from workers.packing import PackedStepSampler, PackingCollator, group_in_order, micro_batches_for_budget
 
@@ -45,7 +46,7 @@ def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list
     return PackedData(sampler, collator, eval_batches, micro, max(1, len(sampler) // (world_size * micro)))
 
 
-class PackedTrainer(Trainer):
+class PackedTrainer(LoraTrainer):
     """A Trainer whose loaders yield packed rows; everything else (optimizer, DeepSpeed, logging) is its own."""
 
     def __init__(self, *args: Any, packing: PackedData, **kwargs: Any) -> None:
