@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--deepspeed", default="none", help="finetune.deepspeed (none, zero2, ...)")
     parser.add_argument("--checkpoint-steps", type=int, default=0, help="finetune.checkpoint_steps (0: none)")
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the steady-state figure")
+    parser.add_argument("--profile-step", type=int, default=0,
+                        help="profile this optimizer step on rank 0: GPU busy time, waits for the GPU, top CPU ops")
     parser.add_argument("--logging-steps", type=int, default=10,
                         help="finetune.logging_steps (the worker's default, 10; each log line waits for the GPU)")
     parser.add_argument("--work", help="folder for the model and data (kept; reused when already prepared)")
@@ -88,6 +90,9 @@ def main() -> int:
     steady = StepClock(args.skip)
     finetune.LogLines.on_step_end = steady.on_step_end  # plain callback hooks the worker's LogLines leaves unused
     finetune.LogLines.on_save = steady.on_save
+    if args.profile_step and rank == 0:
+        profile = StepProfile(args.profile_step)
+        finetune.LogLines.on_step_begin = profile.on_step_begin
     results = []
     for variant in args.variants.split(","):
         study = load_config(None, [
@@ -111,8 +116,7 @@ def main() -> int:
                         "steady_tokens_per_s": steady.tokens_per_s(tokens_per_step),
                         "checkpoint_save_s": steady.saves,
                         "train_runtime_s": metrics["train_runtime_s"], "wall_s": round(wall, 1),
-                        "steps": metrics["optimizer_steps"], "first_loss": round(metrics["first_train_loss"], 4),
-                        "last_loss": round(metrics["last_train_loss"], 4),
+                        "steps": metrics["optimizer_steps"], "first_loss": metrics["first_train_loss"], "last_loss": metrics["last_train_loss"],
                         "rows_per_step": record["derived"]["packed_rows_per_rank_and_step"],
                         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
                         if torch.cuda.is_available() else None})
@@ -154,6 +158,37 @@ class StepClock:
             return None
         steps, seconds = self.times[-1][0] - self.times[0][0], self.times[-1][1] - self.times[0][1]
         return round(tokens_per_step * steps / seconds)
+
+
+class StepProfile:
+    """torch.profiler over one optimizer step (its micro-batches and the optimizer step), printed as one line."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.profiler, self.started = step, None, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:  # bound as LogLines.on_step_begin
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        if state.global_step + 1 == self.step and self.profiler is None:
+            self.started = _synchronized_now()
+            self.profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])])
+            self.profiler.__enter__()
+        elif state.global_step == self.step and self.profiler is not None:  # the step after: report
+            self._report()
+
+    def _report(self) -> None:
+        wall = _synchronized_now() - self.started
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.key_averages()
+        kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+        waits = {e.key: e.count for e in events if "Synchronize" in e.key or "cudaMemcpy" in e.key
+                 or e.key in ("aten::item", "aten::_local_scalar_dense")}
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        print(json.dumps({"profiled_step": self.step, "wall_s": round(wall, 3), "gpu_kernels_s": round(kernels, 3),
+                          "waits": waits, "top_cpu_ms": {e.key[:60]: round(e.self_cpu_time_total / 1e3, 1)
+                                                         for e in top}}), flush=True)
+        self.profiler = None
 
 
 def _synchronized_now() -> float:

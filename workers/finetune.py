@@ -207,6 +207,9 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         ddp_find_unused_parameters=False if world_size > 1 else None,
         deepspeed=deepspeed_config,
         accelerator_config=_accelerator_config(run_info, non_blocking=bool(packing) and on_gpu),
+        # The Trainer checks each micro-batch's loss for NaN/inf to keep it out of the logged mean, a wait for the
+        # GPU per micro-batch. The packed path logs the loss as it is (a NaN shows); packing=off keeps the default.
+        logging_nan_inf_filter=packing is None,
         report_to=[],
         disable_tqdm=True,  # progress goes to our log, one line per logging step
     )

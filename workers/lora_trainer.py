@@ -5,9 +5,9 @@
   every rank of the node at once), only for peft to keep the adapter's few MB of it. Here peft reads the
   adapter from the model directly: ZeRO-2 keeps whole parameters on every rank, so they are the trained
   ones. ZeRO-3 shards parameters, so it keeps the Trainer's own path, which gathers them.
-- **Gradient norm.** Under DeepSpeed the Trainer reads each step's gradient norm into a Python float, which
-  makes the CPU wait for the GPU once per optimizer step and leaves the GPU idle while the next step is
-  launched. Here the norm stays a device tensor; the Trainer reads it when it writes a log line
+- **Gradient norm.** Under DeepSpeed, accelerate and the Trainer read each step's gradient norm into a Python
+  float, which makes the CPU wait for the GPU once per optimizer step and leaves the GPU idle while the next
+  step is launched. Here the norm stays a device tensor; the Trainer reads it when it writes a log line
   (every ``finetune.logging_steps``), as it already does without DeepSpeed.
 
 Neither changes what is trained or saved: the same adapter weights go into each checkpoint, and the
@@ -27,6 +27,11 @@ class LoraTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self._save(output_dir or self.args.output_dir)  # no state_dict: peft takes its adapter from the model
+
+    def _clip_grad_norm(self, model: torch.nn.Module) -> Any:
+        if self.is_deepspeed_enabled:  # DeepSpeed has clipped already; accelerate would hand its norm over as a float
+            return self.deepspeed.get_global_grad_norm()
+        return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         if self.is_deepspeed_enabled and torch.is_tensor(grad_norm):
