@@ -100,7 +100,8 @@ def main() -> int:
             f"data.train_path={work / 'alpaca.json'}", f"finetune.packing={variant}",
             f"finetune.deepspeed={args.deepspeed}", f"finetune.checkpoint_steps={args.checkpoint_steps}",
             f"finetune.max_steps={args.steps}", "finetune.val_set_size=16", "finetune.eval_steps=1000",
-            f"finetune.logging_steps={args.logging_steps}", f"resources.finetune.gpus_per_node={os.environ.get('WORLD_SIZE', '1')}"])
+            f"finetune.logging_steps={args.logging_steps}",
+            f"resources.finetune.gpus_per_node={os.environ.get('WORLD_SIZE', '1')}"])
         steady.reset()
         started = time.monotonic()
         finetune.run(study, Pair("Llama", "best_acc"))
@@ -116,7 +117,8 @@ def main() -> int:
                         "steady_tokens_per_s": steady.tokens_per_s(tokens_per_step),
                         "checkpoint_save_s": steady.saves,
                         "train_runtime_s": metrics["train_runtime_s"], "wall_s": round(wall, 1),
-                        "steps": metrics["optimizer_steps"], "first_loss": metrics["first_train_loss"], "last_loss": metrics["last_train_loss"],
+                        "steps": metrics["optimizer_steps"], "first_loss": metrics["first_train_loss"],
+                        "last_loss": metrics["last_train_loss"],
                         "rows_per_step": record["derived"]["packed_rows_per_rank_and_step"],
                         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
                         if torch.cuda.is_available() else None})
@@ -172,7 +174,8 @@ class StepProfile:
 
         if state.global_step + 1 == self.step and self.profiler is None:
             self.started = _synchronized_now()
-            self.profiler = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])])
+            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]
+            self.profiler = profile(activities=activities)
             self.profiler.__enter__()
         elif state.global_step == self.step and self.profiler is not None:  # the step after: report
             self._report()
@@ -182,6 +185,7 @@ class StepProfile:
         self.profiler.__exit__(None, None, None)
         events = self.profiler.key_averages()
         kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+        # Synchronize calls are waits for the GPU; item/copy counts say where to look for more
         waits = {e.key: e.count for e in events if "Synchronize" in e.key or "cudaMemcpy" in e.key
                  or e.key in ("aten::item", "aten::_local_scalar_dense")}
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
@@ -204,7 +208,6 @@ def prepare(work: Path, shape: str, steps: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from workers.demo_inputs import train_tokenizer
-
     from workers.prompts import build_prompt, tokenize_example
 
     data = rows(64 * steps + 16, seed=0)

@@ -156,6 +156,38 @@ def test_finetune_jobs_get_one_task_per_gpu(tmp_path):
     assert make_executor(cpu_only, plan.array("finetune"), "").parameters["ntasks_per_node"] == 1
 
 
+def _exchange_flags(rank: int, world_size: int, folder: str) -> None:
+    """One rank of the test below: rank 1 alone raises a flag at the second of three step ends."""
+    import torch
+
+    from workers.checkpointing import AcrossRanks
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                                         world_size=world_size)
+    try:
+        at_once, one_step_late = AcrossRanks(), AcrossRanks(one_step_late=True)
+        answers = []
+        for step in range(3):
+            raised = rank == 1 and step == 1
+            answers.append([at_once.exchange(raised, False), one_step_late.exchange(raised, False)])
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(answers))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_sees_a_flag_raised_on_one_rank_at_the_same_step(tmp_path):
+    """workers/checkpointing.AcrossRanks: the stop/save agreement. Over NCCL it is read one step late (no wait
+    for the GPU); both ways, every rank gets the same answer at the same step, so all save and stop together."""
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(_exchange_flags, args=(2, str(tmp_path)), nprocs=2)
+    expected = [[[False, False], [False, False]],  # step 0: nothing raised
+                [[True, False], [False, False]],  # step 1: rank 1 raises; at once, or not yet
+                [[False, False], [True, False]]]  # step 2: one step late, on both ranks alike
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
 # ------------------------------------------------------------------------------- 2 ranks, ZeRO-2
 
 

@@ -158,11 +158,11 @@ class CheckpointMarker(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """Save and stop at the end of the optimizer step during which a signal arrived: SLURM's warning signal
-    (then hand it to submitit, which requeues) or SIGTERM (``scancel``, a requeue from outside, a node being
-    drained: submitit would ignore it until SIGKILL comes, KillWait later, so the steps since the last
-    checkpoint would be lost). Also save when ``every_minutes`` have passed since the last save (rank 0's
-    clock decides, so ranks agree)."""
+    """Save and stop at the end of the optimizer step during which a signal arrived (on GPUs, of the step after:
+    see ``AcrossRanks``): SLURM's warning signal (then hand it to submitit, which requeues) or SIGTERM
+    (``scancel``, a requeue from outside, a node being drained: submitit would ignore it until SIGKILL comes,
+    KillWait later, so the steps since the last checkpoint would be lost). Also save when ``every_minutes``
+    have passed since the last save (rank 0's clock decides, so ranks agree)."""
 
     def __init__(self, every_minutes: float = 0.0) -> None:
         self.signal_number = _preemption_signal()
@@ -228,34 +228,49 @@ def _preemption_signal() -> int:
 class AcrossRanks:
     """Flags that are true when they are true on any rank: one tiny all-reduce per optimizer step.
 
-    Over NCCL (GPUs) each call returns the answer to the previous call: reading it at once would make the CPU
-    wait for the GPU at every step end, leaving the GPU idle while the next step is launched. Every rank gets
-    the same reduced values at the same call, so all ranks still act at the same step, one step after the
-    flag was raised. Over gloo (CPU) and in a single process without a group the answer comes at once.
+    Over NCCL (GPUs) each call returns the answer to the previous call (``one_step_late``): reading it at once
+    would make the CPU wait for the GPU at every step end, leaving the GPU idle while the next step is
+    launched. Every rank gets the same reduced values at the same call, so all ranks still act at the same
+    step, one step after the flag was raised. Over gloo (CPU), and in one process without a group, the
+    answer comes at once.
     """
 
-    def __init__(self) -> None:
-        self.pending: tuple[torch.Tensor, Any] | None = None  # the last call's reduced values on the way to the CPU
+    def __init__(self, one_step_late: bool | None = None) -> None:
+        self.one_step_late = one_step_late  # None: over NCCL only
+        self.pending: tuple[torch.Tensor, Any] | None = None  # the last call's answer, on its way to the CPU
 
     def exchange(self, *flags: bool) -> tuple[bool, ...]:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return flags
-        values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
-        if torch.distributed.get_backend() != "nccl":
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-            return tuple(bool(value) for value in values.tolist())
-        # Pinned memory and non-blocking copies both ways: a pageable copy would wait for the GPU.
-        on_gpu = values.pin_memory().to("cuda", non_blocking=True)
-        torch.distributed.all_reduce(on_gpu, op=torch.distributed.ReduceOp.MAX)
-        answer = torch.empty(len(flags), pin_memory=True)
-        answer.copy_(on_gpu, non_blocking=True)
-        arrived = torch.cuda.Event()
-        arrived.record()
-        previous, self.pending = self.pending, (answer, arrived)
-        if previous is None:
-            return tuple(False for _ in flags)
-        previous[1].synchronize()  # done long ago unless the CPU runs more than a step ahead of the GPU
-        return tuple(bool(value) for value in previous[0].tolist())
+        on_gpu = torch.distributed.get_backend() == "nccl"
+        answer = _reduce_max(flags, on_gpu)
+        if not (on_gpu if self.one_step_late is None else self.one_step_late):
+            return _read(answer)
+        previous, self.pending = self.pending, answer
+        return _read(previous) if previous else tuple(False for _ in flags)
+
+
+def _reduce_max(flags: tuple[bool, ...], on_gpu: bool) -> tuple[torch.Tensor, Any]:
+    """Start the all-reduce; the answer lands in CPU memory, with an event that says when (None: already there)."""
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags])
+    if not on_gpu:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        return values, None
+    # pinned memory and non-blocking copies both ways: a pageable copy would wait for the GPU
+    on_device = values.pin_memory().to("cuda", non_blocking=True)
+    torch.distributed.all_reduce(on_device, op=torch.distributed.ReduceOp.MAX)
+    answer = torch.empty(len(flags), pin_memory=True)
+    answer.copy_(on_device, non_blocking=True)
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return answer, arrived
+
+
+def _read(answer: tuple[torch.Tensor, Any]) -> tuple[bool, ...]:
+    values, arrived = answer
+    if arrived is not None:
+        arrived.synchronize()  # one step late, done long ago unless the CPU runs over a step ahead of the GPU
+    return tuple(bool(value) for value in values.tolist())
 
 
 def _rank() -> int:

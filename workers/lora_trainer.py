@@ -45,4 +45,5 @@ def _adapter_only(model: torch.nn.Module) -> bool:
 
 
 def _zero_stage(trainer: Trainer) -> int:
-    return int(trainer.deepspeed.config.get("zero_optimization", {}).get("stage", 0))  # the engine's, as the Trainer reads it
+    """The DeepSpeed engine's ZeRO stage, read as the Trainer reads it."""
+    return int(trainer.deepspeed.config.get("zero_optimization", {}).get("stage", 0))
