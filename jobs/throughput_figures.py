@@ -31,10 +31,13 @@ class Figure:
 
 
 def normalise_gpu(text: str) -> str | None:
+    """The GPU type the text names first ("Card: H100 ... as in the H200 section" is an H100)."""
     lowered = text.lower()
     if re.search(r"\bcpu\b|no gpu", lowered):
         return "cpu"
-    return next((name for name in GPU_NAMES if name in lowered.replace(" ", "")), None)
+    squeezed = lowered.replace(" ", "")
+    found = [(squeezed.find(name), -len(name), name) for name in GPU_NAMES if name in squeezed]
+    return min(found)[2] if found else None  # at one place the longer name: "gh200" over "h200", "a10g" over "a10"
 
 
 def parse_size_b(text: str, bare_numbers: bool = False) -> float | None:

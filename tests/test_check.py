@@ -217,6 +217,9 @@ def test_results_parser_finds_stage_gpu_size_and_per_gpu_throughput():
     assert throughput_figures.pick_figure(figures, "evaluate", "a100", 7.0).params_b == 8.0  # the nearest size
     assert throughput_figures.pick_figure(figures, "finetune", "a100", 7.0) is None  # no figure for that GPU: none applies
     assert throughput_figures.parse_results("# nothing measured yet\n") == []
+    # the card named first is the one measured; later mentions point elsewhere
+    assert throughput_figures.normalise_gpu("- Card: one NVIDIA H100 80GB - Model: as in the H200 section") == "h100"
+    assert throughput_figures.normalise_gpu("NVIDIA GH200 480GB") == "gh200"
 
 
 def test_the_repositorys_own_results_file_parses():
