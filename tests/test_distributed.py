@@ -454,13 +454,12 @@ def child_main(root: Path) -> None:
 
 def back_to_back_main(root: Path) -> None:
     """Three finetunes in this one process, as a local executor worker runs them: zero2, zero2, none."""
-    from jobs.plan import TaskSpec
-    from workers.entry import run_task
-
     import accelerate
     from safetensors.torch import load_file
 
+    from jobs.plan import TaskSpec
     from workers.checkpointing import CHECKPOINTS
+    from workers.entry import run_task
 
     copies = []
     copy_state_dict = accelerate.Accelerator.get_state_dict
@@ -477,10 +476,11 @@ def back_to_back_main(root: Path) -> None:
         pair = Pair(model, "best_acc")
         copies.clear()
         run_task(TaskSpec("finetune", 0, "finetune", config, pair, (pair,)))
-        checkpoints = StudyPaths(config).finetuned_dir(pair) / CHECKPOINTS
+        out_dir = StudyPaths(config).finetuned_dir(pair)
+        checkpoints = out_dir / CHECKPOINTS
         first, second = (load_file(str(checkpoints / f"checkpoint-{step}" / "adapter_model.safetensors"))
                          for step in (1, 2))
-        record = json.loads((StudyPaths(config).finetuned_dir(pair) / "finetuning_config.json").read_text())
+        record = json.loads((out_dir / "finetuning_config.json").read_text())
         leftover = sorted(key for key in os.environ
                           if key.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "ACCELERATE_")))
         runs.append({"deepspeed": record["derived"]["deepspeed"], "leftover_environment": leftover,

@@ -18,15 +18,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import Trainer
 
 
 class LoraTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not (self.is_deepspeed_enabled and _adapter_only(self.model) and _zero_stage(self) < 3):
+        if not (self.is_deepspeed_enabled and isinstance(self.model, PeftModel) and _zero_stage(self) < 3):
             return super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            self._save(output_dir or self.args.output_dir)  # no state_dict: peft takes its adapter from the model
+        if self.args.should_save:  # no state_dict: peft's save_pretrained takes only its adapter, from the model
+            self._save(output_dir or self.args.output_dir)
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> Any:
         if self.is_deepspeed_enabled:  # DeepSpeed has clipped already; accelerate would hand its norm over as a float
@@ -37,11 +38,6 @@ class LoraTrainer(Trainer):
         if self.is_deepspeed_enabled and torch.is_tensor(grad_norm):
             return grad_norm  # logging calls .item() on it at its own steps
         return super()._get_grad_norm(model, grad_norm)
-
-
-def _adapter_only(model: torch.nn.Module) -> bool:
-    """A peft model, whose save_pretrained writes only the adapter."""
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def _zero_stage(trainer: Trainer) -> int:
