@@ -65,6 +65,7 @@ def main() -> int:
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the steady-state figure")
     parser.add_argument("--profile-step", type=int, default=0,
                         help="profile this optimizer step on rank 0: GPU busy time, waits for the GPU, top CPU ops")
+    parser.add_argument("--trace", help="with --profile-step: also write the step's chrome trace here (.json.gz)")
     parser.add_argument("--logging-steps", type=int, default=10,
                         help="finetune.logging_steps (the worker's default, 10; each log line waits for the GPU)")
     parser.add_argument("--work", help="folder for the model and data (kept; reused when already prepared)")
@@ -91,7 +92,7 @@ def main() -> int:
     finetune.LogLines.on_step_end = steady.on_step_end  # plain callback hooks the worker's LogLines leaves unused
     finetune.LogLines.on_save = steady.on_save
     if args.profile_step and rank == 0:
-        profile = StepProfile(args.profile_step)
+        profile = StepProfile(args.profile_step, args.trace)
         finetune.LogLines.on_step_begin = profile.on_step_begin
     results = []
     for variant in args.variants.split(","):
@@ -165,8 +166,8 @@ class StepClock:
 class StepProfile:
     """torch.profiler over one optimizer step (its micro-batches and the optimizer step), printed as one line."""
 
-    def __init__(self, step: int) -> None:
-        self.step, self.profiler, self.started = step, None, 0.0
+    def __init__(self, step: int, trace: str | None = None) -> None:
+        self.step, self.trace, self.profiler, self.started = step, trace, None, 0.0
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:  # bound as LogLines.on_step_begin
         import torch
@@ -183,6 +184,15 @@ class StepProfile:
     def _report(self) -> None:
         wall = _synchronized_now() - self.started
         self.profiler.__exit__(None, None, None)
+        if self.trace:  # gzipped: one step of a 32-layer model is tens of MB of JSON
+            import gzip
+            import shutil
+
+            plain = Path(self.trace).with_suffix("")
+            self.profiler.export_chrome_trace(str(plain))
+            with plain.open("rb") as source, gzip.open(self.trace, "wb") as target:
+                shutil.copyfileobj(source, target)
+            plain.unlink()
         events = self.profiler.key_averages()
         kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
         # Synchronize calls are waits for the GPU; item/copy counts say where to look for more

@@ -221,6 +221,13 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory):
                  "finetune.lora_dropout=0",
                  "resources.finetune.gpus_per_node=2"]  # "finetune.deepspeed" stays auto: zero2 with 2 ranks
     (root / "overrides.json").write_text(json.dumps(overrides))
+    outputs, seconds = run_two_ranks(root, Path(__file__))
+    config = load_config(None, overrides)
+    return config, root, outputs, seconds
+
+
+def run_two_ranks(root: Path, child: Path) -> tuple[list[str], float]:
+    """Run ``child root`` as the two tasks of a 1-node SLURM job; both outputs (kept in rankN.log) and the wall time."""
     port = free_port()
     processes = []
     started = time.monotonic()
@@ -235,7 +242,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory):
             "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE)),
         })
-        processes.append(subprocess.Popen([sys.executable, __file__, str(root)], cwd=REPO, env=environment,
+        processes.append(subprocess.Popen([sys.executable, str(child), str(root)], cwd=REPO, env=environment,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -250,8 +257,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory):
         (root / f"rank{rank}.log").write_text(output)  # kept for a look after a failure
     for rank, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
-    config = load_config(None, overrides)
-    return config, root, outputs, seconds
+    return outputs, seconds
 
 
 def _rank_record(root: Path, rank: int) -> dict:

@@ -179,3 +179,63 @@ def test_packed_path_trains_the_same_recipe(tmp_path):
     assert metrics["optimizer_steps"] == derived["total_optimizer_steps"]  # the plan matched what ran
     assert metrics["last_train_loss"] < metrics["first_train_loss"]
     assert metrics["last_eval_loss"] is not None  # evaluation runs packed too
+
+
+def _run_logging(config, monkeypatch) -> tuple[list[dict], bytes]:
+    """Finetune ``config``; every log dict the Trainer emitted (grad norms and total FLOPs too), and the adapter."""
+    logged: list[dict] = []
+    on_log = finetune.LogLines.on_log
+
+    def record(self, args, state, control, logs=None, **kwargs):
+        logged.append({key: value for key, value in (logs or {}).items() if "runtime" not in key
+                       and "per_second" not in key})
+        return on_log(self, args, state, control, logs=logs, **kwargs)
+    with monkeypatch.context() as patched:
+        patched.setattr(finetune.LogLines, "on_log", record)
+        finetune.run(config, PAIR)
+    return logged, (StudyPaths(config).finetuned_dir(PAIR) / "adapter_model.safetensors").read_bytes()
+
+
+def test_packed_trainer_shortcuts_change_nothing_that_is_trained(tmp_path, monkeypatch):
+    """PackedTrainer's cheaper parameter walks (FLOP count, train mode, clipping, zeroing) against the Trainer's own:
+    the same losses, gradient norms, eval losses, total FLOPs and adapter bytes."""
+    from transformers import Trainer
+
+    from workers import packed_trainer
+    from workers.lora_trainer import LoraTrainer
+
+    settings = ("finetune.packing=on", "finetune.packing_max_tokens=128", "finetune.logging_steps=1")
+    with monkeypatch.context() as undo:
+        undo.setattr(packed_trainer.PackedTrainer, "floating_point_ops", Trainer.floating_point_ops)
+        undo.setattr(packed_trainer.PackedTrainer, "_clip_grad_norm", LoraTrainer._clip_grad_norm)
+        undo.setattr(packed_trainer.TrainModeOnce, "install", classmethod(lambda cls, model: None))
+        undo.setattr(packed_trainer._ZeroTrainableGrads, "on_train_begin", lambda self, *a, **k: None)
+        reference_logs, reference_adapter = _run_logging(tiny_study(tmp_path / "trainer", *settings), monkeypatch)
+    logs, adapter = _run_logging(tiny_study(tmp_path / "ours", *settings), monkeypatch)
+    assert sum("grad_norm" in entry for entry in logs) >= 4
+    assert any("total_flos" in entry for entry in logs)
+    assert logs == reference_logs
+    assert adapter == reference_adapter
+
+
+def test_train_mode_walks_the_model_only_when_the_mode_changes():
+    import torch
+
+    from workers.packed_trainer import TrainModeOnce
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    wrapper = torch.nn.Sequential(model)  # as DDP or DeepSpeed wrap the model: their train() walks down to it
+    walks = []
+    original = model.train
+    model.train = lambda mode=True: walks.append(mode) or original(mode)
+    TrainModeOnce.install(model)
+    for _ in range(3):
+        model.train()
+    assert walks == [True]
+    wrapper.eval()  # the Trainer's evaluation, through the wrapper
+    assert walks == [True, False] and not model[1].training
+    model.train()
+    wrapper.train()
+    assert walks == [True, False, True] and model[1].training
+    model.eval()
+    assert walks[-1] is False and not model[1].training
