@@ -1,8 +1,7 @@
 """The packed path (finetune.packing=on, the GPU default) on two ranks under plain DDP, as SLURM starts them (CPU, gloo).
 
 Two ranks split each optimizer step's sequences by tokens and average their gradients; one process takes the
-same steps with twice the micro-batches. The adapters must agree, and both ranks must hold the same weights,
-with PackedTrainer's shortcuts (its own gradient zeroing and clipping, train mode set once) under the DDP wrapper.
+same steps with twice the micro-batches. The adapters must agree, and both ranks must hold the same weights.
 """
 from __future__ import annotations
 
@@ -49,8 +48,7 @@ def test_packed_ranks_under_ddp_train_what_one_process_trains(packed_ranks, tmp_
     config, root = packed_ranks
     records = [json.loads((root / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for record in records:
-        assert record == {"wrapper": "DistributedDataParallel", "zero_grad_is_ours": True, "train_mode_once": True,
-                          "world_size": 2, "optimizer_steps": 5}
+        assert record == {"wrapper": "DistributedDataParallel", "world_size": 2, "optimizer_steps": 5}
     weights = [load_file(root / f"rank{rank}_lora.safetensors") for rank in (0, 1)]
     assert weights[0].keys() == weights[1].keys() and weights[0]
     for name, tensor in weights[0].items():
@@ -87,7 +85,7 @@ def child_main(root: Path) -> None:
     from safetensors.torch import save_file
 
     from jobs.plan import TaskSpec
-    from workers import finetune, packed_trainer
+    from workers import finetune
     from workers.entry import run_task
 
     rank = int(os.environ["SLURM_PROCID"])
@@ -98,10 +96,8 @@ def child_main(root: Path) -> None:
             save_file({name: param.detach().clone().contiguous() for name, param in self.model.named_parameters()
                        if "lora_" in name}, str(root / f"rank{rank}_lora.safetensors"))
             (root / f"rank{rank}.json").write_text(json.dumps({
-                "wrapper": type(self.model_wrapped).__name__,
-                "zero_grad_is_ours": self.model_wrapped.zero_grad.__qualname__.startswith("_ZeroTrainableGrads"),
-                "train_mode_once": isinstance(self.model.train, packed_trainer.TrainModeOnce),
-                "world_size": self.args.world_size, "optimizer_steps": self.state.global_step}))
+                "wrapper": type(self.model_wrapped).__name__, "world_size": self.args.world_size,
+                "optimizer_steps": self.state.global_step}))
             return result
 
     finetune.PackedTrainer = SavingTrainer
