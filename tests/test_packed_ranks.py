@@ -13,27 +13,16 @@ import pytest
 
 from jobs.config import load_config
 from jobs.study import Pair, StudyPaths
-from tests.test_distributed import REPO, alpaca_rows, run_two_ranks
+from tests.two_ranks import REPO, finetune_in_one_process, run_two_ranks, two_rank_study
 
 PAIR = Pair("Llama", "best_acc")
 
 
 @pytest.fixture(scope="module")
 def packed_ranks(tmp_path_factory: pytest.TempPathFactory):
-    from tests.tiny_assets import build_tiny_llama, build_tiny_tokenizer
-
     root = tmp_path_factory.mktemp("packed_ddp")
-    tokenizer = build_tiny_tokenizer(root / "tokenizer")
-    build_tiny_llama(root / "pruned", tokenizer)
-    (root / "alpaca.json").write_text(json.dumps(alpaca_rows(80)))
-    overrides = [f"study.results_root={root / 'results'}", f"study.pruned_model_path={root / 'pruned'}",
-                 f"data.train_path={root / 'alpaca.json'}", "finetune.learning_rate=5e-3", "finetune.batch_size=16",
-                 "finetune.num_epochs=1", "finetune.logging_steps=1", "finetune.eval_steps=5",
-                 "finetune.val_set_size=8", "finetune.cutoff_len=64", "finetune.packing=on",
-                 "finetune.packing_max_tokens=256", "finetune.deepspeed=none",
-                 "finetune.lora_dropout=0",  # dropout masks depend on each process's random draws
-                 "resources.finetune.gpus_per_node=2"]
-    (root / "overrides.json").write_text(json.dumps(overrides))
+    overrides = two_rank_study(root, "finetune.packing=on", "finetune.packing_max_tokens=256",
+                               "finetune.deepspeed=none")
     run_two_ranks(root, Path(__file__))
     return load_config(None, overrides), root
 
@@ -42,8 +31,6 @@ def packed_ranks(tmp_path_factory: pytest.TempPathFactory):
 def test_packed_ranks_under_ddp_train_what_one_process_trains(packed_ranks, tmp_path):
     import torch
     from safetensors.torch import load_file
-
-    from workers import finetune
 
     config, root = packed_ranks
     records = [json.loads((root / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -54,20 +41,12 @@ def test_packed_ranks_under_ddp_train_what_one_process_trains(packed_ranks, tmp_
     for name, tensor in weights[0].items():
         assert tensor.equal(weights[1][name]), name
 
-    one = load_config(None, [*json.loads((root / "overrides.json").read_text()), f"study.results_root={tmp_path}",
-                             "resources.finetune.gpus_per_node=1"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        finetune.run(one, PAIR)
-    finally:
-        torch.set_num_threads(threads)
-    single = json.loads((StudyPaths(one).finetuned_dir(PAIR) / "finetuning_config.json").read_text())["derived"]
-    assert single["packed_rows_per_rank_and_step"] == 2 * json.loads(
-        (StudyPaths(config).finetuned_dir(PAIR) / "finetuning_config.json").read_text(
-        ))["derived"]["packed_rows_per_rank_and_step"]
-    expected = load_file(StudyPaths(one).finetuned_dir(PAIR) / "adapter_model.safetensors")
-    got = load_file(StudyPaths(config).finetuned_dir(PAIR) / "adapter_model.safetensors")
+    single, ranks = finetune_in_one_process(root, tmp_path), StudyPaths(config).finetuned_dir(PAIR)
+    rows = [json.loads((folder / "finetuning_config.json").read_text())["derived"]["packed_rows_per_rank_and_step"]
+            for folder in (single, ranks)]
+    assert rows[0] == 2 * rows[1]  # one process packs each step into twice the rows
+    expected = load_file(single / "adapter_model.safetensors")
+    got = load_file(ranks / "adapter_model.safetensors")
     assert expected.keys() == got.keys()
     largest = max(tensor.abs().max().item() for tensor in expected.values())
     assert largest > 0
