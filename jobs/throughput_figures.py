@@ -31,12 +31,12 @@ class Figure:
 
 
 def normalise_gpu(text: str) -> str | None:
-    """The GPU type the text names first ("Card: H100 ... as in the H200 section" is an H100)."""
+    """The device the text names first: a GPU type ("Card: H100 ... as in the H200 section" is an H100), or "cpu"
+    ("2-core VM, no GPU"; "2 x H200, 32 CPU cores" is an H200)."""
     lowered = text.lower()
-    if re.search(r"\bcpu\b|no gpu", lowered):
-        return "cpu"
-    squeezed = lowered.replace(" ", "")
-    found = [(squeezed.find(name), -len(name), name) for name in GPU_NAMES if name in squeezed]
+    found = [(match.start(), -len(name), name) for name in GPU_NAMES
+             if (match := re.search(r"\s*".join(name), lowered))]  # "H 100" too
+    found += [(match.start(), 0, "cpu") for match in [re.search(r"\bcpu\b|no gpu", lowered)] if match]
     return min(found)[2] if found else None  # at one place the longer name: "gh200" over "h200", "a10g" over "a10"
 
 

@@ -220,6 +220,9 @@ def test_results_parser_finds_stage_gpu_size_and_per_gpu_throughput():
     # the card named first is the one measured; later mentions point elsewhere
     assert throughput_figures.normalise_gpu("- Card: one NVIDIA H100 80GB - Model: as in the H200 section") == "h100"
     assert throughput_figures.normalise_gpu("NVIDIA GH200 480GB") == "gh200"
+    assert throughput_figures.normalise_gpu("- Machine: 2 x NVIDIA H200, 32 CPU cores") == "h200"
+    assert throughput_figures.normalise_gpu("- Machine: the 2-core dev VM (CPU), as against the H100 runs") == "cpu"
+    assert throughput_figures.normalise_gpu("2 cores, no GPU") == "cpu"
 
 
 def test_the_repositorys_own_results_file_parses():
