@@ -43,7 +43,7 @@ def normalise_gpu(text: str) -> str | None:
 def parse_size_b(text: str, bare_numbers: bool = False) -> float | None:
     """Model size in billions of parameters: "Llama-3-8B", "6.72B parameters", "135M"; with ``bare_numbers``
     (a size column) also "6.7e9" or "6,738,415,616"."""
-    size = r"(?<![\w.])(\d+(?:\.\d+)?)\s*([bBmM])(?![a-zA-Z])"
+    size = r"(?<![\w.])(\d+(?:\.\d+)?)\s*([bBmM])(?!\w)"  # not inside a word: commit "9b71ea5" is no size
     match = re.search(size + r"\s*param", text) or re.search(size, text)  # "6.72B parameters" over "8b" in a name
     if match:
         return float(match.group(1)) / (1000 if match.group(2).lower() == "m" else 1)

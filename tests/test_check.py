@@ -223,6 +223,9 @@ def test_results_parser_finds_stage_gpu_size_and_per_gpu_throughput():
     assert throughput_figures.normalise_gpu("- Machine: 2 x NVIDIA H200, 32 CPU cores") == "h200"
     assert throughput_figures.normalise_gpu("- Machine: the 2-core dev VM (CPU), as against the H100 runs") == "cpu"
     assert throughput_figures.normalise_gpu("2 cores, no GPU") == "cpu"
+    assert throughput_figures.parse_size_b("- Commit: 9b71ea5 - Model: as above") is None
+    assert throughput_figures.parse_size_b("Llama-3-8B, 6.72B parameters") == 6.72
+    assert throughput_figures.parse_size_b("a 135M model") == 0.135
 
 
 def test_the_repositorys_own_results_file_parses():
