@@ -23,10 +23,8 @@ import pytest
 from jobs.config import load_config
 from jobs.errors import ConfigError, InputError
 from jobs.study import Pair, StudyPaths
-from tests.two_ranks import (EXTENSIONS_CACHE, REPO, alpaca_rows, finetune_in_one_process, run_two_ranks,
+from tests.two_ranks import (PAIR, REPO, alpaca_rows, child_environment, finetune_in_one_process, run_two_ranks,
                              two_rank_study)
-
-PAIR = Pair("Llama", "best_acc")
 
 
 # ------------------------------------------------------------------------------------ fast units
@@ -297,10 +295,7 @@ def back_to_back(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[d
         f"data.train_path={root / 'alpaca.json'}", "finetune.batch_size=8", "finetune.micro_batch_size=4",
         "finetune.max_steps=2", "finetune.cutoff_len=64", "finetune.checkpoint_steps=1", "finetune.logging_steps=1",
         "finetune.keep_checkpoints=true"]))
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "ACCELERATE_"))}
-    environment.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
-                        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))})
+    environment = child_environment()
     done = subprocess.run([sys.executable, __file__, str(root), "back-to-back"], cwd=REPO, env=environment,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from jobs.config import load_config
-from jobs.study import Pair, StudyPaths
-from tests.two_ranks import REPO, finetune_in_one_process, run_two_ranks, two_rank_study
-
-PAIR = Pair("Llama", "best_acc")
+from jobs.study import StudyPaths
+from tests.two_ranks import PAIR, REPO, finetune_in_one_process, run_two_ranks, two_rank_study
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,16 @@ def free_port() -> int:
     return pick()
 
 
+def child_environment(**settings: str) -> dict[str, str]:
+    """This process's environment for a finetune child on the CPU: no rank, SLURM or accelerate variables of
+    its own, one thread, this checkout importable, DeepSpeed's compiled ops cached; then ``settings``."""
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "ACCELERATE_"))}
+    environment.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+                        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))})
+    return {**environment, **settings}
+
+
 def two_rank_study(root: Path, *overrides: str) -> list[str]:
     """A tiny model, its tokenizer and 80 distinct rows under ``root``; the overrides of a 2-GPU finetune of them
     (also written to ``root/overrides.json`` for the rank processes)."""
@@ -55,16 +65,11 @@ def run_two_ranks(root: Path, child: Path) -> tuple[list[str], float]:
     processes = []
     started = time.monotonic()
     for rank in (0, 1):
-        environment = {key: value for key, value in os.environ.items()
-                       if not key.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
-        environment.update({
+        environment = child_environment(
             # What submitit's sbatch script and srun give task `rank` of a 1-node, 2-task job.
-            "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1",
-            "SLURM_NODEID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
-            "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port),  # a free port: tests run side by side
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE)),
-        })
+            SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
+            SLURM_NODEID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+            SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))  # a free port: tests run side by side
         processes.append(subprocess.Popen([sys.executable, str(child), str(root)], cwd=REPO, env=environment,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
