@@ -33,7 +33,8 @@ def test_packed_ranks_under_ddp_train_what_one_process_trains(packed_ranks, tmp_
     config, root = packed_ranks
     records = [json.loads((root / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for record in records:
-        assert record == {"wrapper": "DistributedDataParallel", "world_size": 2, "optimizer_steps": 5}
+        assert record == {"wrapper": "DistributedDataParallel", "world_size": 2, "gradients_in_buckets": True,
+                          "optimizer_steps": 5}
     weights = [load_file(root / f"rank{rank}_lora.safetensors") for rank in (0, 1)]
     assert weights[0].keys() == weights[1].keys() and weights[0]
     for name, tensor in weights[0].items():
@@ -74,6 +75,7 @@ def child_main(root: Path) -> None:
                        if "lora_" in name}, str(root / f"rank{rank}_lora.safetensors"))
             (root / f"rank{rank}.json").write_text(json.dumps({
                 "wrapper": type(self.model_wrapped).__name__, "world_size": self.args.world_size,
+                "gradients_in_buckets": getattr(self.model_wrapped, "gradient_as_bucket_view", None),
                 "optimizer_steps": self.state.global_step}))
             return result
 
