@@ -68,8 +68,6 @@ def main() -> int:
     parser.add_argument("--trace", help="with --profile-step: also write the step's chrome trace here (.json.gz)")
     parser.add_argument("--logging-steps", type=int, default=10,
                         help="finetune.logging_steps (the worker's default, 10; each log line waits for the GPU)")
-    parser.add_argument("--no-fused-lora", action="store_true",
-                        help="packed path without workers/fused_lora.py's kernels (peft's dropout and lora_A)")
     parser.add_argument("--no-bucket-view", action="store_true",
                         help="DDP copies gradients out of its all-reduce buckets (the packed path's gradient_as_bucket_view off)")
     parser.add_argument("--work", help="folder for the model and data (kept; reused when already prepared)")
@@ -92,9 +90,6 @@ def main() -> int:
         prepare(work, args.shape, args.steps)
     if args.prepare_only:
         return 0
-    if args.no_fused_lora:
-        from workers import packed_model
-        packed_model.FUSE_LORA_ON_CUDA = False
     if args.no_bucket_view:
         from workers import packed_trainer
         packed_trainer.GRADIENT_AS_BUCKET_VIEW = False

@@ -24,7 +24,6 @@ from workers.packing import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "prunetune_varlen"  # our entry in transformers' AttentionInterface
-FUSE_LORA_ON_CUDA = True  # prepare_model_for_packing's default for fuse_lora on CUDA models
 
 # ---- chunked linear + cross-entropy ---------------------------------------------------------------
 
@@ -294,12 +293,10 @@ class PackingSetup:
     attention: str  # "flash-varlen" (CUDA) or "sdpa-block-mask" (fallback)
     compiled_layers: int
     loss: str
-    fused_lora_modules: int = 0  # LoRA layers whose dropout and A run in workers.fused_lora's kernels
 
 
 def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = False, chunk_size: int = 4096,
-                              compile_loss: bool | None = None, lora_inputs_in_autocast: bool = True,
-                              fuse_lora: bool | None = None) -> PackingSetup:
+                              compile_loss: bool | None = None, lora_inputs_in_autocast: bool = True) -> PackingSetup:
     """Set ``model`` (peft-wrapped or plain causal LM) up for batches from ``PackingCollator``.
 
     - attention: our variable-length function (transformers then builds no mask);
@@ -310,8 +307,6 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
       upcast to the fp32 adapter dtype; under ``torch.autocast`` (the Trainer's ``bf16=True``) the LoRA
       matmuls run in bf16 either way, so only the copy (time and saved memory) goes away. Switch it off
       when training reduced-precision weights without autocast.
-    - ``fuse_lora``: LoRA dropout and ``A`` in one Triton kernel each way (``workers/fused_lora.py``); default:
-      on a CUDA model when Triton is installed.
     Call after ``get_peft_model`` and before the optimizer or Trainer is built. Idempotent.
     """
     lm = causal_lm(model)
@@ -335,23 +330,18 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
             if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype"):
                 module.cast_input_dtype_enabled = False
     device = next(lm.parameters()).device
-    fused = 0
-    # the Trainer moves the model to the GPU later: a CUDA machine is what counts
-    if fuse_lora if fuse_lora is not None else (FUSE_LORA_ON_CUDA and torch.cuda.is_available()):
-        from workers.fused_lora import fuse_lora_dropout
-        fused = fuse_lora_dropout(model)
     if device.type == "cuda" and _flash_available():
         probe_flash_gqa(device)  # decided here, outside compiled code
     compiled = 0
     if compile_layers:
-        from torch import _dynamo
+        import torch._dynamo
         layers = lm.get_decoder().layers
         # layers share code, so one graph serves them all; room in case guards tell some apart
-        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 2 * len(layers))
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
         for layer in layers:
             layer.compile(dynamic=True)
             compiled += 1
     on_cuda = next(lm.parameters()).is_cuda and _flash_available()
     return PackingSetup(attention="flash-varlen" if on_cuda else "sdpa-block-mask", compiled_layers=compiled,
                         loss=f"chunked linear cross-entropy, {chunk_size} rows a chunk"
-                             + (", compiled" if compile_loss else ""), fused_lora_modules=fused)
+                             + (", compiled" if compile_loss else ""))

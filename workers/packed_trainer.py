@@ -9,7 +9,6 @@ the token mean over the whole step (``num_items_in_batch``), as the padded trans
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +21,6 @@ from jobs.config import FinetuneSettings
 from workers.lora_trainer import LoraTrainer
 from workers.packed_model import prepare_model_for_packing
 from workers.packing import PackedStepSampler, PackingCollator, group_in_order, micro_batches_for_budget
-
-log = logging.getLogger(__name__)
 
 GRADIENT_AS_BUCKET_VIEW = True  # DDP's option for the packed path; benchmarks/finetune_worker_gpu.py compares both
 
@@ -40,9 +37,7 @@ class PackedData:
 def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list[dict], pad_token_id: int,
                     tune: FinetuneSettings, world_size: int, compile_layers: bool) -> PackedData:
     """Wire the model for packed batches and plan the steps; call after get_peft_model."""
-    setup = prepare_model_for_packing(model, compile_layers=compile_layers)
-    log.info("packed training: %s attention, %s; %d compiled layers, %d LoRA modules with fused dropout",
-             setup.attention, setup.loss, setup.compiled_layers, setup.fused_lora_modules)
+    prepare_model_for_packing(model, compile_layers=compile_layers)
     lengths = [len(item["input_ids"]) for item in train_set]
     budget = max(tune.packing_max_tokens, max(lengths, default=1))
     micro = micro_batches_for_budget(lengths, tune.batch_size, world_size, max_tokens=budget, seed=tune.seed,
