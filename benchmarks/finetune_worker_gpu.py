@@ -239,6 +239,7 @@ def prepare(work: Path, shape: str, steps: int) -> None:
                          max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     started = time.monotonic()
+    torch.manual_seed(0)  # the same weights in every call: losses then compare across machines and calls
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(work / "pruned")
