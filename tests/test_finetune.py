@@ -179,3 +179,22 @@ def test_packed_path_trains_the_same_recipe(tmp_path):
     assert metrics["optimizer_steps"] == derived["total_optimizer_steps"]  # the plan matched what ran
     assert metrics["last_train_loss"] < metrics["first_train_loss"]
     assert metrics["last_eval_loss"] is not None  # evaluation runs packed too
+
+
+def test_a_lone_rank_keeps_to_one_gpu_of_several(tmp_path, caplog):
+    """One rank on a machine showing 4 GPUs: the Trainer would wrap the model in nn.DataParallel and take 4 x the
+    micro-batch per step. The GPU count is set as the Trainer's device set-up sets it (no GPU here)."""
+    from transformers import TrainingArguments
+
+    def args_seeing_four_gpus() -> TrainingArguments:
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[])
+        args._n_gpu = 4
+        return args
+
+    lone = args_seeing_four_gpus()
+    finetune.one_gpu_per_rank(lone, world_size=1, pair=PAIR)
+    assert (lone.n_gpu, lone.train_batch_size) == (1, 4)
+    assert "4 GPUs are visible" in caplog.text and "gpus_per_node" in caplog.text
+    ranked = args_seeing_four_gpus()  # with several ranks the Trainer already uses one GPU per rank
+    finetune.one_gpu_per_rank(ranked, world_size=2, pair=PAIR)
+    assert ranked.n_gpu == 4

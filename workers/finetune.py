@@ -213,6 +213,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         report_to=[],
         disable_tqdm=True,  # progress goes to our log, one line per logging step
     )
+    one_gpu_per_rank(args, world_size, pair)
     progress = LogLines(pair.label, out_dir / "progress.json" if rank == 0 else None)
     if resume:
         progress.restore(checkpointing.read_log_lines(resume))
@@ -314,6 +315,21 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     if not tune.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)  # only a resume needs them, and the adapter is done
     log.info("%s: adapter and records saved in %s", pair.label, out_dir)
+
+
+def one_gpu_per_rank(args: TrainingArguments, world_size: int, pair: Pair) -> None:
+    """Keep a lone rank on its one GPU when the machine shows it several.
+
+    Without a process group the Trainer counts every visible GPU and wraps the model in ``nn.DataParallel``: its
+    loader batch becomes the micro-batch times the GPU count, split over them, so an optimizer step sees that many
+    times ``finetune.batch_size`` sequences; the packed path fails outright (``expected mat1 and mat2 to have the
+    same dtype``, seen on a 4-GPU machine). More GPUs are used by more ranks (``resources.finetune.gpus_per_node``),
+    each a process of its own.
+    """
+    if world_size == 1 and args.n_gpu > 1:
+        log.warning("%s: %d GPUs are visible and this finetune is one rank, so it uses cuda:0 alone; more GPUs "
+                    "train as more ranks (resources.finetune.gpus_per_node on SLURM)", pair.label, args.n_gpu)
+        args._n_gpu = 1  # the Trainer's own switch (it sets the same for model-parallel models)
 
 
 def _accelerator_config(run_info: distributed.DistributedRun, non_blocking: bool) -> dict[str, bool] | None:
