@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -18,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jobs.config import StudyConfig
 from jobs.plan import Plan, TaskArray, TaskSpec
@@ -45,10 +48,47 @@ class TaskOutcome:
 # ---------------------------------------------------------------------------------------- local
 
 
-def _init_worker_process(threads: int) -> None:
+def visible_gpus() -> list[str]:
+    """The GPUs this machine shows (``CUDA_VISIBLE_DEVICES`` when set, else nvidia-smi's indices), without torch."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip() and gpu.strip() != "-1"]
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        indices = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in indices.splitlines() if line.strip()]
+
+
+def gpu_slots(workers: int, gpus: list[str]) -> list[str | None]:
+    """One GPU per worker process, round robin; ``None`` for each on a machine without GPUs."""
+    return [gpus[index % len(gpus)] if gpus else None for index in range(workers)]
+
+
+def start_pool(context: Any, threads: int, gpus: list[str | None]) -> ProcessPoolExecutor:
+    """A pool of ``len(gpus)`` processes; each takes one entry of ``gpus`` as it starts (see ``gpu_slots``)."""
+    slots = context.Queue()
+    for gpu in gpus:
+        slots.put(gpu)
+    return ProcessPoolExecutor(len(gpus), mp_context=context, initializer=_init_worker_process,
+                               initargs=(threads, slots))
+
+
+def _init_worker_process(threads: int, slots: Any) -> None:
     # Set before torch is imported in this process; N processes x N threads would oversubscribe.
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(threads)
+    # Each process its own GPU: a task is one rank on cuda:0 of what it sees, and two tasks on one GPU would share
+    # (or run out of) its memory.
+    try:
+        gpu = slots.get(timeout=10)
+    except queue.Empty:
+        gpu = None
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
 def _run_logged(spec: TaskSpec, log_path: str) -> tuple[bool, float, str]:
@@ -97,8 +137,10 @@ class LocalRunner:
         self._display = TaskDisplay.open(total)  # a live bar on a terminal; None in logs and pipes
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker_process,
-                                   initargs=(threads,))
+        gpus = gpu_slots(self.workers, visible_gpus())
+        if gpus[0] is not None:
+            log.info("local executor: %d processes on GPU(s) %s", self.workers, ", ".join(map(str, gpus)))
+        pool = start_pool(context, threads, gpus)
         try:
             while pending or running:
                 for spec in list(pending):
@@ -138,8 +180,7 @@ class LocalRunner:
                         pending.append(spec)
                         running.pop(future)
                     pool.shutdown(wait=False, cancel_futures=True)
-                    pool = ProcessPoolExecutor(self.workers, mp_context=context,
-                                               initializer=_init_worker_process, initargs=(threads,))
+                    pool = start_pool(context, threads, gpus)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if self._display:
