@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""CUDA graphs for the packed LoRA layers: ``torch.compile(mode="reduce-overhead")`` against the worker's compile.
+
+    python3 benchmarks/cuda_graph_probe.py eager 0.0       # the reference gradients (dropout 0)
+    python3 benchmarks/cuda_graph_probe.py graphs 0.0      # CUDA graphs; then compare with the reference:
+    python3 benchmarks/cuda_graph_probe.py compare
+    python3 benchmarks/cuda_graph_probe.py compiled 0.05   # timing at the recipe's dropout
+    .venv/bin/python benchmarks/cuda_graph_probe.py compiled 0.0 --tiny   # CPU smoke check
+
+At four GPUs the worker's step is CPU-bound (benchmarks/RESULTS.md): each rank launches about 4,800 GPU
+operations for 2,600 tokens. CUDA graphs would replay a layer's launches at once. This builds 8 layers of the
+6.72B pruned Llama-3 shape (``--tiny``: 2 small layers) under peft LoRA (r 8, alpha 16, 7 targets; B drawn
+non-zero so A gets gradients), 28 packed micro-batches of 16 alpaca-like sequences (padded to a multiple of 256
+tokens with a filler segment, ``cu_seqlens`` padded to 66 entries with zero-length segments, so that only the
+token count varies), bf16 autocast, and runs forward and backward on each, two micro-batches a step. MODE:
+``eager`` (no compile), ``compiled`` (``layer.compile(dynamic=True)``, as the worker does) or ``graphs`` (the
+same with ``mode="reduce-overhead"``). It prints the CPU time to launch a micro-batch and its wall time (means
+over micro-batches 13-28), and saves the first step's LoRA gradients to /tmp/cg_MODE_DROPOUT.pt for
+``compare``. On an H200 with torch 2.11 ``graphs`` died with a segmentation fault (RESULTS.md).
+"""
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def batches(count, per_batch, seed, cu_len):
+    from workers.packing import PackingCollator
+    rng = random.Random(seed)
+    collate = PackingCollator(max_length=256, pad_token_id=0, pad_to_multiple_of=256)
+    out = []
+    for _ in range(count):
+        items = []
+        for _ in range(per_batch):
+            n = min(256, max(8, int(rng.lognormvariate(math.log(150), 0.5))))
+            prompt = rng.randint(3, n - 2)
+            ids = [rng.randint(1, 1000) for _ in range(n)]
+            items.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+        b = collate(items)
+        cu = b["cu_seq_lens_q"]
+        fixed = torch.cat([cu, cu[-1:].repeat(cu_len - cu.numel())]) if cu_len else cu  # zero-length segments
+        b["cu_seq_lens_q"] = b["cu_seq_lens_k"] = fixed
+        out.append(b)
+    return out
+
+
+def build(tiny, dropout):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.packed_model import prepare_model_for_packing
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2) if tiny else dict(hidden_size=4096, intermediate_size=11008,
+                                                          num_hidden_layers=8, num_attention_heads=32,
+                                                          num_key_value_heads=8)
+    cfg = LlamaConfig(vocab_size=1024, max_position_embeddings=2048, **shape)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)  # B = 0 at init would give A no gradient to compare
+    prepare_model_for_packing(model, compile_layers=False)
+    return model, device
+
+
+def run(mode, tiny):
+    dropout = float(sys.argv[2])
+    model, device = build(tiny, dropout)
+    layers = model.get_base_model().get_decoder().layers
+    if mode != "eager":
+        import torch._dynamo as dynamo
+        dynamo.config.cache_size_limit = 64
+        if mode == "graphs":
+            import torch._inductor.config as ic
+            ic.triton.cudagraph_unexpected_rerecord_limit = 4096
+        for layer in layers:
+            layer.compile(dynamic=True, mode="reduce-overhead" if mode == "graphs" else None)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    data = batches(28, 4 if tiny else 16, 0, 66)
+    keys = ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "target_positions")
+    losses, launch, wall, saved = [], [], [], None
+    started_all = time.monotonic()
+    for i, b in enumerate(data):
+        inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if mode == "graphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            out = model(**inputs)
+        out.loss.backward()
+        t1 = time.perf_counter()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        losses.append(out.loss.item())
+        if i >= 12:
+            launch.append(t1 - t0)
+            wall.append(t2 - t0)
+        if i % 2 == 1:  # two micro-batches per step: grads accumulate, then are read and zeroed
+            if i == 1:
+                saved = [p.grad.detach().float().cpu().clone() for p in trainable]
+            for p in trainable:
+                p.grad = None
+    tokens = sum(b["input_ids"].numel() for b in data[12:]) / len(data[12:])
+    result = {"mode": mode, "dropout": dropout, "tokens_per_micro": tokens,
+              "launch_ms": round(1e3 * sum(launch) / len(launch), 2), "wall_ms": round(1e3 * sum(wall) / len(wall), 2),
+              "first_losses": [round(x, 5) for x in losses[:4]], "all_s": round(time.monotonic() - started_all, 1),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
+    print(json.dumps(result), flush=True)
+    torch.save({"grads": saved, "losses": losses}, f"/tmp/cg_{mode}_{dropout}.pt")
+
+
+def compare():
+    ref = torch.load("/tmp/cg_eager_0.0.pt")
+    for mode in ("compiled", "graphs"):
+        try:
+            got = torch.load(f"/tmp/cg_{mode}_0.0.pt")
+        except FileNotFoundError:
+            print(mode, "missing")
+            continue
+        worst = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(got["grads"], ref["grads"]))
+        dl = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
+        print(json.dumps({"mode": mode, "worst_rel_grad_diff_step1": worst, "max_loss_diff": dl}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "compare":
+        compare()
+    else:
+        run(sys.argv[1], "--tiny" in sys.argv)
