@@ -10,8 +10,8 @@ Builds a random-init Llama of the chosen shape, a tokenizer trained here and alp
 160 tokens, prompt masked), then runs the worker twice on the same data: ``finetune.packing=off``
 (LLM-Pruner's layout: micro batch 4, padded) and ``finetune.packing=on`` (the default on GPUs). It prints
 the real-token throughput each run recorded in its finetuning_config.json, and the steady-state throughput
-after ``--skip`` steps (the worker's own figure includes torch.compile and the first steps), and how long each
-checkpoint save took (``--checkpoint-steps``).
+after ``--skip`` steps (the worker's own figure includes torch.compile and the first steps) with the time per
+step of each ``--block`` of steps after them, and how long each checkpoint save took (``--checkpoint-steps``).
 ``benchmarks/lora_throughput.py`` is the controlled kernel-level benchmark; this one shows the worker itself
 takes the fast path. Under torchrun each process is one rank of the real worker (ranks come from the launcher's
 environment, as from SLURM's); prepare the model first with ``--prepare-only``.
@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--deepspeed", default="none", help="finetune.deepspeed (none, zero2, ...)")
     parser.add_argument("--checkpoint-steps", type=int, default=0, help="finetune.checkpoint_steps (0: none)")
     parser.add_argument("--skip", type=int, default=10, help="steps left out of the steady-state figure")
+    parser.add_argument("--block", type=int, default=10,
+                        help="also time each block of this many steady steps (block_ms_per_step): a steady run?")
     parser.add_argument("--profile-step", type=int, default=0,
                         help="profile this optimizer step on rank 0: GPU busy time, waits for the GPU, top CPU ops")
     parser.add_argument("--trace", help="with --profile-step: also write the step's chrome trace here (.json.gz)")
@@ -93,7 +95,7 @@ def main() -> int:
     if args.no_bucket_view:
         from workers import packed_trainer
         packed_trainer.GRADIENT_AS_BUCKET_VIEW = False
-    steady = StepClock(args.skip)
+    steady = StepClock(args.skip, args.block)
     finetune.LogLines.on_step_end = steady.on_step_end  # plain callback hooks the worker's LogLines leaves unused
     finetune.LogLines.on_save = steady.on_save
     if args.profile_step and rank == 0:
@@ -121,6 +123,7 @@ def main() -> int:
         results.append({"packing": variant, "ranks": record["derived"]["world_size"],
                         "deepspeed": record["derived"]["deepspeed"], "tokens_per_s": round(metrics["train_tokens_per_s"]),
                         "steady_tokens_per_s": steady.tokens_per_s(tokens_per_step),
+                        "block_ms_per_step": steady.block_ms_per_step(),
                         "checkpoint_save_s": steady.saves,
                         "train_runtime_s": metrics["train_runtime_s"], "wall_s": round(wall, 1),
                         "steps": metrics["optimizer_steps"], "first_loss": metrics["first_train_loss"],
@@ -138,18 +141,20 @@ def main() -> int:
 class StepClock:
     """Wall time from the end of step ``skip`` to the end of the last step, for a throughput without compile.
 
-    It waits for the GPU at those two step ends only: a wait at every step would itself leave the GPU idle
-    while the next step is launched, which the worker alone does not do.
+    It waits for the GPU at those two step ends, and every ``block`` steps between them: a wait at every step
+    would itself leave the GPU idle while the next step is launched, which the worker alone does not do. The
+    blocks' times per step show whether a run was steady; runs on the same data compare block by block.
     """
 
-    def __init__(self, skip: int) -> None:
-        self.skip, self.times, self.saves, self.save_started = skip, [], [], 0.0
+    def __init__(self, skip: int, block: int = 10) -> None:
+        self.skip, self.block, self.times, self.saves, self.save_started = skip, block, [], [], 0.0
 
     def reset(self) -> None:
         self.times, self.saves = [], []
 
     def on_step_end(self, args, state, control, **kwargs) -> None:  # bound as LogLines.on_step_end
-        ends_window = state.global_step in (self.skip, state.max_steps)
+        ends_window = state.global_step in (self.skip, state.max_steps) or (
+            self.block > 0 and state.global_step > self.skip and (state.global_step - self.skip) % self.block == 0)
         if not (ends_window or control.should_save):
             return
         now = _synchronized_now()
@@ -166,6 +171,10 @@ class StepClock:
             return None
         steps, seconds = self.times[-1][0] - self.times[0][0], self.times[-1][1] - self.times[0][1]
         return round(tokens_per_step * steps / seconds)
+
+    def block_ms_per_step(self) -> list[float]:
+        return [round(1e3 * (end - start) / (end_step - start_step), 1)
+                for (start_step, start), (end_step, end) in zip(self.times, self.times[1:])]
 
 
 class StepProfile:
