@@ -74,8 +74,7 @@ def build(tiny, dropout):
     return model, device
 
 
-def run(mode, tiny):
-    dropout = float(sys.argv[2])
+def run(mode, dropout, tiny):
     model, device = build(tiny, dropout)
     layers = model.get_base_model().get_decoder().layers
     if mode != "eager":
@@ -89,7 +88,6 @@ def run(mode, tiny):
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     data = batches(28, 4 if tiny else 16, 0, 66)
-    keys = ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "target_positions")
     losses, launch, wall, saved = [], [], [], None
     started_all = time.monotonic()
     for i, b in enumerate(data):
@@ -125,10 +123,10 @@ def run(mode, tiny):
 
 
 def compare():
-    ref = torch.load("/tmp/cg_eager_0.0.pt")
+    ref = torch.load("/tmp/cg_eager_0.0.pt", weights_only=True)
     for mode in ("compiled", "graphs"):
         try:
-            got = torch.load(f"/tmp/cg_{mode}_0.0.pt")
+            got = torch.load(f"/tmp/cg_{mode}_0.0.pt", weights_only=True)
         except FileNotFoundError:
             print(mode, "missing")
             continue
@@ -141,4 +139,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "compare":
         compare()
     else:
-        run(sys.argv[1], "--tiny" in sys.argv)
+        run(sys.argv[1], float(sys.argv[2]), "--tiny" in sys.argv)
