@@ -148,7 +148,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     if tune.packing == "on" or (tune.packing == "auto" and on_gpu):
         # Same 64 sequences per step, laid out as padding-free rows: accumulation = packed rows per rank.
         packing = prepare_packing(model, train_set, val_set, tokenizer.pad_token_id, tune, world_size,
-                                  compile_layers=on_gpu)
+                                  compile_layers=on_gpu, group_lora=not shards_parameters(run_info.deepspeed))
         accumulation = packing.micro_batches
         total_steps = tune.max_steps if tune.max_steps > 0 else math.ceil(tune.num_epochs * packing.steps_per_epoch)
     warmup = min(tune.warmup_steps, total_steps // 10)  # only bites when the run is < 10 x warmup steps
@@ -349,6 +349,14 @@ def clamp_val_size(requested: int, n_examples: int) -> int:
     if requested <= 0 or n_examples < 10:
         return 0
     return min(requested, max(1, n_examples // 10))
+
+
+def shards_parameters(deepspeed_name: str | None) -> bool:
+    """Whether the DeepSpeed config shards the parameters themselves (ZeRO stage 3)."""
+    if not deepspeed_name:
+        return False
+    stage = distributed.load_deepspeed_config(deepspeed_name).get("zero_optimization", {}).get("stage")
+    return str(stage) == "3"
 
 
 def optimizer_steps(n_train: int, tune: FinetuneSettings, accumulation: int, world_size: int) -> int:

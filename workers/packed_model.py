@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workers.grouped_lora import group_lora_projections
 from workers.packing import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -293,10 +294,12 @@ class PackingSetup:
     attention: str  # "flash-varlen" (CUDA) or "sdpa-block-mask" (fallback)
     compiled_layers: int
     loss: str
+    grouped_lora_modules: int = 0  # attention and MLP modules running their LoRA targets as groups
 
 
 def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = False, chunk_size: int = 4096,
-                              compile_loss: bool | None = None, lora_inputs_in_autocast: bool = True) -> PackingSetup:
+                              compile_loss: bool | None = None, lora_inputs_in_autocast: bool = True,
+                              group_lora: bool = True) -> PackingSetup:
     """Set ``model`` (peft-wrapped or plain causal LM) up for batches from ``PackingCollator``.
 
     - attention: our variable-length function (transformers then builds no mask);
@@ -307,6 +310,9 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
       upcast to the fp32 adapter dtype; under ``torch.autocast`` (the Trainer's ``bf16=True``) the LoRA
       matmuls run in bf16 either way, so only the copy (time and saved memory) goes away. Switch it off
       when training reduced-precision weights without autocast.
+    - ``group_lora``: LoRA targets that share an input (q/k/v, gate/up) run as one group
+      (``workers/grouped_lora.py``): the same terms, fewer kernel launches. Turn it off under
+      ZeRO-3, whose hooks gather a parameter only when its own module is called.
     Call after ``get_peft_model`` and before the optimizer or Trainer is built. Idempotent.
     """
     lm = causal_lm(model)
@@ -329,6 +335,7 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
         for module in lm.modules():
             if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype"):
                 module.cast_input_dtype_enabled = False
+    grouped = group_lora_projections(lm) if group_lora else 0
     device = next(lm.parameters()).device
     if device.type == "cuda" and _flash_available():
         probe_flash_gqa(device)  # decided here, outside compiled code
@@ -344,4 +351,4 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
     on_cuda = next(lm.parameters()).is_cuda and _flash_available()
     return PackingSetup(attention="flash-varlen" if on_cuda else "sdpa-block-mask", compiled_layers=compiled,
                         loss=f"chunked linear cross-entropy, {chunk_size} rows a chunk"
-                             + (", compiled" if compile_loss else ""))
+                             + (", compiled" if compile_loss else ""), grouped_lora_modules=grouped)

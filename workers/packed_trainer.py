@@ -35,9 +35,10 @@ class PackedData:
 
 
 def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list[dict], pad_token_id: int,
-                    tune: FinetuneSettings, world_size: int, compile_layers: bool) -> PackedData:
+                    tune: FinetuneSettings, world_size: int, compile_layers: bool,
+                    group_lora: bool = True) -> PackedData:
     """Wire the model for packed batches and plan the steps; call after get_peft_model."""
-    prepare_model_for_packing(model, compile_layers=compile_layers)
+    prepare_model_for_packing(model, compile_layers=compile_layers, group_lora=group_lora)
     lengths = [len(item["input_ids"]) for item in train_set]
     budget = max(tune.packing_max_tokens, max(lengths, default=1))
     micro = micro_batches_for_budget(lengths, tune.batch_size, world_size, max_tokens=budget, seed=tune.seed,

@@ -1,0 +1,153 @@
+"""Grouped LoRA (q/k/v, gate/up as groups) computes what peft computes, with fewer matrix products."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from jobs.config import LORA_TARGETS
+from workers.grouped_lora import dropout_copies, group_lora_projections, groupable
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=128, max_position_embeddings=64, attn_implementation="sdpa")
+ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                 "mistral": (MistralConfig, MistralForCausalLM)}
+
+
+def lora_model(architecture: str = "llama", dropout: float = 0.0, **lora: object) -> torch.nn.Module:
+    """A 2-layer model with LoRA on every recipe target, B non-zero so that A gets gradients too."""
+    torch.manual_seed(0)
+    config_class, model_class = ARCHITECTURES[architecture]
+    model = get_peft_model(model_class(config_class(**SHAPE)),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
+                                      task_type="CAUSAL_LM", **lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.config.use_cache = False  # as in training; with a KV cache the model's own attention runs
+    return model
+
+
+def batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0  # a padded row: the attention mask must reach the attention function
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+
+
+def loss_and_grads(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(**batch()).loss
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(got: tuple[float, dict], want: tuple[float, dict]) -> None:
+    assert got[0] == pytest.approx(want[0], rel=1e-6)
+    assert got[1].keys() == want[1].keys() and len(want[1]) == 2 * 2 * len(LORA_TARGETS)  # A and B, 2 layers
+    for name, grad in want[1].items():
+        error = (got[1][name] - grad).norm() / grad.norm()
+        assert error < 1e-5, f"{name}: relative error {error:.1e}"
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_grouped_loss_and_lora_grads_match_peft(architecture):
+    reference = lora_model(architecture)
+    grouped = copy.deepcopy(reference)
+    assert group_lora_projections(grouped) == 4  # attention and MLP of both layers
+    assert_same(loss_and_grads(grouped), loss_and_grads(reference))
+
+
+def test_dropout_copies_draw_one_mask_per_target():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256) + 3.0  # no zeros of its own
+    copies = dropout_copies(x, 3, p=0.25, training=True)
+    assert copies.shape == (3, 64, 256)
+    kept = copies != 0
+    for target in range(3):
+        assert kept[target].float().mean().item() == pytest.approx(0.75, abs=0.02)
+        torch.testing.assert_close(copies[target][kept[target]], (x / 0.75)[kept[target]])
+    assert (kept[0] != kept[1]).float().mean().item() > 0.3  # independent masks disagree on ~37.5%
+    assert dropout_copies(x, 3, p=0.25, training=False).data_ptr() == x.data_ptr()  # a view, no copy
+
+
+def test_with_dropout_training_draws_and_evaluation_matches_peft():
+    reference = lora_model(dropout=0.5)
+    grouped = copy.deepcopy(reference)
+    group_lora_projections(grouped)
+    grouped.train()
+    torch.manual_seed(2)
+    first = loss_and_grads(grouped)[0]
+    assert loss_and_grads(grouped)[0] != first  # fresh masks each call
+    reference.eval(), grouped.eval()  # dropout off: the very same terms as peft
+    assert_same(loss_and_grads(grouped), loss_and_grads(reference))
+
+
+def test_merged_or_disabled_adapters_go_back_to_peft():
+    reference = lora_model()
+    grouped = copy.deepcopy(reference)
+    group_lora_projections(grouped)
+    for model in (reference, grouped):
+        model.merge_adapter()
+    assert not groupable([grouped.base_model.model.model.layers[0].self_attn.q_proj])
+    with torch.no_grad():
+        merged = [model(**batch()).loss.item() for model in (reference, grouped)]
+    assert merged[0] == pytest.approx(merged[1], rel=1e-6)
+    for model in (reference, grouped):
+        model.unmerge_adapter()
+        model.base_model.disable_adapter_layers()
+    with torch.no_grad():
+        disabled = [model(**batch()).loss.item() for model in (reference, grouped)]
+    assert disabled[0] == pytest.approx(disabled[1], rel=1e-6)
+
+
+def test_targets_of_different_ranks_are_left_to_peft():
+    model = lora_model(rank_pattern={"k_proj": 4})
+    assert group_lora_projections(model) == 2  # the MLPs; q/k/v differ in rank
+    attention = model.base_model.model.model.layers[0].self_attn
+    assert "forward" not in attention.__dict__
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_grouping_cuts_the_matrix_products_of_a_step():
+    counts = {}
+    for name, grouped in (("peft", False), ("grouped", True)):
+        model = lora_model(dropout=0.05)
+        if grouped:
+            group_lora_projections(model)
+        with CountMatmuls() as forward:
+            loss = model(**batch()).loss
+        with CountMatmuls() as backward:
+            loss.backward()
+        counts[name] = (forward.count, backward.count)
+    # forward, per layer: LoRA products 14 -> 8. Backward: 28 -> 16, except that layer 0's attention input
+    # (embeddings and norm are frozen) needs no gradient, which spares peft 3 products and the group 1.
+    assert counts["peft"][0] - counts["grouped"][0] == 2 * 6, counts
+    assert counts["peft"][1] - counts["grouped"][1] == 2 * 12 - 2, counts
+
+
+def test_compiled_layer_traces_the_grouped_forward_whole():
+    reference = lora_model()
+    grouped = copy.deepcopy(reference)
+    group_lora_projections(grouped)
+    for layer in grouped.base_model.model.model.layers:
+        layer.compile(backend="aot_eager", fullgraph=True, dynamic=True)
+    assert_same(loss_and_grads(grouped), loss_and_grads(reference))
