@@ -20,11 +20,12 @@ ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config
                  "mistral": (MistralConfig, MistralForCausalLM)}
 
 
-def lora_model(architecture: str = "llama", dropout: float = 0.0, **lora: object) -> torch.nn.Module:
+def lora_model(architecture: str = "llama", dropout: float = 0.0, attention: str = "sdpa",
+               **lora: object) -> torch.nn.Module:
     """A 2-layer model with LoRA on every recipe target, B non-zero so that A gets gradients too."""
     torch.manual_seed(0)
     config_class, model_class = ARCHITECTURES[architecture]
-    model = get_peft_model(model_class(config_class(**SHAPE)),
+    model = get_peft_model(model_class(config_class(**{**SHAPE, "attn_implementation": attention})),
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
                                       task_type="CAUSAL_LM", **lora))
     with torch.no_grad():
@@ -64,6 +65,19 @@ def test_grouped_loss_and_lora_grads_match_peft(architecture):
     grouped = copy.deepcopy(reference)
     assert group_lora_projections(grouped) == 4  # attention and MLP of both layers
     assert_same(loss_and_grads(grouped), loss_and_grads(reference))
+
+
+def test_attention_without_a_registered_function_runs_its_own_code():
+    reference = lora_model(attention="eager")  # transformers' default function, not in its registry
+    grouped = copy.deepcopy(reference)
+    assert group_lora_projections(grouped) == 4
+    calls = []
+    for layer in grouped.base_model.model.model.layers:
+        own = layer.self_attn._prunetune_ungrouped_forward
+        layer.self_attn._prunetune_ungrouped_forward = lambda *args, _own=own, **kwargs: (
+            calls.append(1), _own(*args, **kwargs))[1]
+    assert_same(loss_and_grads(grouped), loss_and_grads(reference))
+    assert len(calls) == 2  # each layer's attention, once
 
 
 def test_dropout_copies_draw_one_mask_per_target():
@@ -107,6 +121,12 @@ def test_merged_or_disabled_adapters_go_back_to_peft():
     with torch.no_grad():
         disabled = [model(**batch()).loss.item() for model in (reference, grouped)]
     assert disabled[0] == pytest.approx(disabled[1], rel=1e-6)
+
+
+def test_zero3_configs_turn_grouping_off():
+    from workers.finetune import shards_parameters
+
+    assert [shards_parameters(name) for name in ("zero3", "zero3_offload", "zero2", None)] == [True, True, False, False]
 
 
 def test_targets_of_different_ranks_are_left_to_peft():

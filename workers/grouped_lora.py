@@ -14,8 +14,8 @@ products of a layer from 14 to 8 in the forward and from 28 to 16 in the backwar
 The base projections, the rotary embedding, the attention function and the LoRA parameters are the model's own;
 only the order of launches changes. Used by the packed training path (``prepare_model_for_packing``) for the
 attention and MLP classes below. A group is left to peft when its targets differ in rank, scaling or dropout,
-use DoRA or a LoRA bias, or more than one adapter, when the adapter is merged or disabled, and under ZeRO-3
-(whose hooks gather parameters only for modules that are called).
+use DoRA or a LoRA bias, or more than one adapter, and when the adapter is merged or disabled. The finetune
+worker does not group under ZeRO-3, whose hooks gather a parameter only when its own module is called.
 """
 from __future__ import annotations
 
@@ -104,12 +104,12 @@ def grouped_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor
                               attention_mask: torch.Tensor | None = None, *args: Any,
                               **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' Llama/Mistral/Qwen2 attention with q/k/v as one LoRA group; no KV cache (training)."""
-    projections = (self.q_proj, self.k_proj, self.v_proj)
-    if args or position_embeddings is None or any(kwargs.get(name) is not None for name in _CACHE_ARGUMENTS) \
-            or not groupable(projections):
-        return self._prunetune_ungrouped_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    if args or position_embeddings is None or any(kwargs.get(name) is not None for name in _CACHE_ARGUMENTS) \
+            or self.config._attn_implementation not in ALL_ATTENTION_FUNCTIONS or not groupable(projections):
+        return self._prunetune_ungrouped_forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
     for name in _CACHE_ARGUMENTS:
         kwargs.pop(name, None)
     input_shape = hidden_states.shape[:-1]

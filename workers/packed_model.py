@@ -4,8 +4,9 @@
   vocabulary never exist all at once, computed only at positions that have a target.
 - Variable-length attention registered in transformers' AttentionInterface: flash-attention's varlen
   kernel that ships inside PyTorch on CUDA; an SDPA block-diagonal mask elsewhere (CPU tests).
-- ``prepare_model_for_packing``: wires both into a peft-wrapped causal LM and optionally compiles each
-  decoder layer (regional ``torch.compile``: one compile serves all layers).
+- ``prepare_model_for_packing``: wires both into a peft-wrapped causal LM, runs LoRA targets that share an
+  input as groups (``workers/grouped_lora.py``) and optionally compiles each decoder layer (regional
+  ``torch.compile``: one compile serves all layers).
 
 Loss normalisation is described in ``workers/packing.py``.
 """
