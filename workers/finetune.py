@@ -282,6 +282,7 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
             "sequences_per_optimizer_step": tune.batch_size if packing else
             tune.micro_batch_size * accumulation * world_size,
             "packed_rows_per_rank_and_step": packing.micro_batches if packing else None,
+            "packed_model": dataclasses.asdict(packing.setup) if packing else None,
             "warmup_steps_used": warmup,
             "total_optimizer_steps": total_steps,
             "train_examples": len(train_set),

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from jobs.config import FinetuneSettings
 from workers.lora_trainer import LoraTrainer
-from workers.packed_model import prepare_model_for_packing
+from workers.packed_model import PackingSetup, prepare_model_for_packing
 from workers.packing import PackedStepSampler, PackingCollator, group_in_order, micro_batches_for_budget
 
 GRADIENT_AS_BUCKET_VIEW = True  # DDP's option for the packed path; benchmarks/finetune_worker_gpu.py compares both
@@ -32,13 +32,14 @@ class PackedData:
     eval_batches: list[list[int]]
     micro_batches: int  # per rank and optimizer step: the Trainer's gradient_accumulation_steps
     steps_per_epoch: int
+    setup: PackingSetup  # what the model side turned on, for the run's record
 
 
 def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list[dict], pad_token_id: int,
                     tune: FinetuneSettings, world_size: int, compile_layers: bool,
                     group_lora: bool = True) -> PackedData:
     """Wire the model for packed batches and plan the steps; call after get_peft_model."""
-    prepare_model_for_packing(model, compile_layers=compile_layers, group_lora=group_lora)
+    setup = prepare_model_for_packing(model, compile_layers=compile_layers, group_lora=group_lora)
     lengths = [len(item["input_ids"]) for item in train_set]
     budget = max(tune.packing_max_tokens, max(lengths, default=1))
     micro = micro_batches_for_budget(lengths, tune.batch_size, world_size, max_tokens=budget, seed=tune.seed,
@@ -46,7 +47,7 @@ def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list
     sampler = PackedStepSampler(lengths, tune.batch_size, world_size, micro, seed=tune.seed)
     collator = PackingCollator(max_length=tune.cutoff_len, pad_token_id=pad_token_id)
     eval_batches = group_in_order([len(item["input_ids"]) for item in val_set], budget) if val_set else []
-    return PackedData(sampler, collator, eval_batches, micro, max(1, len(sampler) // (world_size * micro)))
+    return PackedData(sampler, collator, eval_batches, micro, max(1, len(sampler) // (world_size * micro)), setup)
 
 
 class PackedTrainer(LoraTrainer):
