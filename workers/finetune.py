@@ -144,11 +144,12 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     # 64 sequences per optimizer step = 4 per micro-batch x 16 accumulation steps x 1 rank (the defaults).
     accumulation = max(1, tune.batch_size // tune.micro_batch_size // world_size)
     total_steps = optimizer_steps(len(train_set), tune, accumulation, world_size)
+    deepspeed_raw = distributed.load_deepspeed_config(run_info.deepspeed) if run_info.deepspeed else None
     packing = None
     if tune.packing == "on" or (tune.packing == "auto" and on_gpu):
         # Same 64 sequences per step, laid out as padding-free rows: accumulation = packed rows per rank.
         packing = prepare_packing(model, train_set, val_set, tokenizer.pad_token_id, tune, world_size,
-                                  compile_layers=on_gpu, group_lora=not shards_parameters(run_info.deepspeed))
+                                  compile_layers=on_gpu, group_lora=not shards_parameters(deepspeed_raw))
         accumulation = packing.micro_batches
         total_steps = tune.max_steps if tune.max_steps > 0 else math.ceil(tune.num_epochs * packing.steps_per_epoch)
     warmup = min(tune.warmup_steps, total_steps // 10)  # only bites when the run is < 10 x warmup steps
@@ -162,11 +163,11 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
                  pair.label, tune.packing_max_tokens, packing.micro_batches, packing.steps_per_epoch)
 
     deepspeed_config = None
-    if run_info.deepspeed:
+    if deepspeed_raw is not None:
         # The Trainer's AdamW defaults (LLM-Pruner keeps them) for configs that name DeepSpeed's optimizer.
         defaults = TrainingArguments
         deepspeed_config = distributed.resolve_deepspeed_config(
-            distributed.load_deepspeed_config(run_info.deepspeed),
+            deepspeed_raw,
             distributed.auto_values(
                 micro_batch_size=1 if packing else tune.micro_batch_size, accumulation=accumulation, world_size=world_size,
                 learning_rate=tune.learning_rate, dtype=dtype, hidden_size=model.get_input_embeddings().embedding_dim,
@@ -352,12 +353,9 @@ def clamp_val_size(requested: int, n_examples: int) -> int:
     return min(requested, max(1, n_examples // 10))
 
 
-def shards_parameters(deepspeed_name: str | None) -> bool:
-    """Whether the DeepSpeed config shards the parameters themselves (ZeRO stage 3)."""
-    if not deepspeed_name:
-        return False
-    stage = distributed.load_deepspeed_config(deepspeed_name).get("zero_optimization", {}).get("stage")
-    return str(stage) == "3"
+def shards_parameters(deepspeed_config: dict[str, Any] | None) -> bool:
+    """Whether a DeepSpeed config (as loaded, or None for no DeepSpeed) shards the parameters (ZeRO stage 3)."""
+    return deepspeed_config is not None and int(deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
 def optimizer_steps(n_train: int, tune: FinetuneSettings, accumulation: int, world_size: int) -> int:
