@@ -72,6 +72,10 @@ def main() -> int:
                         help="finetune.logging_steps (the worker's default, 10; each log line waits for the GPU)")
     parser.add_argument("--no-bucket-view", action="store_true",
                         help="DDP copies gradients out of its all-reduce buckets (the packed path's gradient_as_bucket_view off)")
+    parser.add_argument("--no-group-lora", action="store_true",
+                        help="peft runs each LoRA target on its own (the packed path's grouped q/k/v and gate/up off)")
+    parser.add_argument("--no-join-base", action="store_true",
+                        help="grouped LoRA keeps each base projection's weight apart (one product per target)")
     parser.add_argument("--work", help="folder for the model and data (kept; reused when already prepared)")
     parser.add_argument("--prepare-only", action="store_true", help="build model and data in --work, then stop")
     parser.add_argument("--tag", default="run", help="results go to <work>/<packing>-<tag>: one tag per run to compare")
@@ -92,9 +96,10 @@ def main() -> int:
         prepare(work, args.shape, args.steps)
     if args.prepare_only:
         return 0
-    if args.no_bucket_view:
-        from workers import packed_trainer
-        packed_trainer.GRADIENT_AS_BUCKET_VIEW = False
+    from workers import packed_model, packed_trainer
+    packed_trainer.GRADIENT_AS_BUCKET_VIEW = not args.no_bucket_view
+    packed_trainer.GROUP_LORA = not args.no_group_lora
+    packed_model.JOIN_BASE_WEIGHTS = not args.no_join_base
     steady = StepClock(args.skip, args.block)
     finetune.LogLines.on_step_end = steady.on_step_end  # plain callback hooks the worker's LogLines leaves unused
     finetune.LogLines.on_save = steady.on_save
@@ -129,6 +134,8 @@ def main() -> int:
                         "steps": metrics["optimizer_steps"], "first_loss": metrics["first_train_loss"],
                         "last_loss": metrics["last_train_loss"],
                         "rows_per_step": record["derived"]["packed_rows_per_rank_and_step"],
+                        "grouped_joined": [(record["derived"]["packed_model"] or {}).get(key) for key in
+                                           ("grouped_lora_modules", "joined_base_modules")],
                         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
                         if torch.cuda.is_available() else None})
         print(json.dumps(results[-1]), flush=True)

@@ -176,6 +176,7 @@ def test_packed_path_trains_the_same_recipe(tmp_path):
     assert derived["packed_rows_per_rank_and_step"] >= 1
     assert derived["gradient_accumulation_steps"] == derived["packed_rows_per_rank_and_step"]
     assert derived["packed_model"]["grouped_lora_modules"] == 2 * 2  # attention and MLP of both layers
+    assert derived["packed_model"]["joined_base_modules"] == 2 * 2  # each with its base weights as one tensor
     metrics = record["metrics"]
     assert metrics["optimizer_steps"] == derived["total_optimizer_steps"]  # the plan matched what ran
     assert metrics["last_train_loss"] < metrics["first_train_loss"]

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from jobs.config import LORA_TARGETS
-from workers.grouped_lora import dropout_copies, group_lora_projections, groupable
+from workers.grouped_lora import JOINED_BASE, dropout_copies, group_lora_projections, groupable
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -20,12 +20,13 @@ ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config
                  "mistral": (MistralConfig, MistralForCausalLM)}
 
 
-def lora_model(architecture: str = "llama", dropout: float = 0.0, attention: str = "sdpa",
+def lora_model(architecture: str = "llama", dropout: float = 0.0, attention: str = "sdpa", layers: int = 2,
                **lora: object) -> torch.nn.Module:
-    """A 2-layer model with LoRA on every recipe target, B non-zero so that A gets gradients too."""
+    """A small model (2 layers unless told) with LoRA on every recipe target, B non-zero so that A gets gradients."""
     torch.manual_seed(0)
     config_class, model_class = ARCHITECTURES[architecture]
-    model = get_peft_model(model_class(config_class(**{**SHAPE, "attn_implementation": attention})),
+    config = config_class(**{**SHAPE, "attn_implementation": attention, "num_hidden_layers": layers})
+    model = get_peft_model(model_class(config),
                            LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
                                       task_type="CAUSAL_LM", **lora))
     with torch.no_grad():
@@ -59,18 +60,20 @@ def assert_same(got: tuple[float, dict], want: tuple[float, dict]) -> None:
         assert error < 1e-5, f"{name}: relative error {error:.1e}"
 
 
+@pytest.mark.parametrize("join_base", [False, True], ids=["separate-base", "joined-base"])
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
-def test_grouped_loss_and_lora_grads_match_peft(architecture):
+def test_grouped_loss_and_lora_grads_match_peft(architecture, join_base):
     reference = lora_model(architecture)
     grouped = copy.deepcopy(reference)
-    assert group_lora_projections(grouped) == 4  # attention and MLP of both layers
+    # attention and MLP of both layers (Qwen2's q/k/v biases are joined too)
+    assert group_lora_projections(grouped, join_base=join_base) == (4, 4 if join_base else 0)
     assert_same(loss_and_grads(grouped), loss_and_grads(reference))
 
 
 def test_attention_without_a_registered_function_runs_its_own_code():
     reference = lora_model(attention="eager")  # transformers' default function, not in its registry
     grouped = copy.deepcopy(reference)
-    assert group_lora_projections(grouped) == 4
+    assert group_lora_projections(grouped) == (4, 0)
     calls = []
     for layer in grouped.base_model.model.model.layers:
         own = layer.self_attn._prunetune_ungrouped_forward
@@ -133,7 +136,7 @@ def test_zero3_configs_turn_grouping_off():
 
 def test_targets_of_different_ranks_are_left_to_peft():
     model = lora_model(rank_pattern={"k_proj": 4})
-    assert group_lora_projections(model) == 2  # the MLPs; q/k/v differ in rank
+    assert group_lora_projections(model, join_base=True) == (2, 2)  # the MLPs; q/k/v differ in rank
     attention = model.base_model.model.model.layers[0].self_attn
     assert "forward" not in attention.__dict__
 
@@ -151,10 +154,10 @@ class CountMatmuls(TorchDispatchMode):
 
 def test_grouping_cuts_the_matrix_products_of_a_step():
     counts = {}
-    for name, grouped in (("peft", False), ("grouped", True)):
+    for name in ("peft", "grouped", "joined"):
         model = lora_model(dropout=0.05)
-        if grouped:
-            group_lora_projections(model)
+        if name != "peft":
+            group_lora_projections(model, join_base=name == "joined")
         with CountMatmuls() as forward:
             loss = model(**batch()).loss
         with CountMatmuls() as backward:
@@ -164,12 +167,100 @@ def test_grouping_cuts_the_matrix_products_of_a_step():
     # (embeddings and norm are frozen) needs no gradient, which spares peft 3 products and the group 1.
     assert counts["peft"][0] - counts["grouped"][0] == 2 * 6, counts
     assert counts["peft"][1] - counts["grouped"][1] == 2 * 12 - 2, counts
+    # joined base weights, per layer: q/k/v 3 -> 1 and gate/up 2 -> 1 forward, and the same for the input's
+    # gradient, which layer 0's attention does not need
+    assert counts["grouped"][0] - counts["joined"][0] == 2 * 3, counts
+    assert counts["grouped"][1] - counts["joined"][1] == 2 * 3 - 2, counts
 
 
-def test_compiled_layer_traces_the_grouped_forward_whole():
-    reference = lora_model()
+@pytest.mark.parametrize("join_base", [False, True], ids=["separate-base", "joined-base"])
+def test_compiled_layers_trace_the_grouped_forward_whole(join_base):
+    reference = lora_model("qwen2")
     grouped = copy.deepcopy(reference)
-    group_lora_projections(grouped)
+    group_lora_projections(grouped, join_base=join_base)
     for layer in grouped.base_model.model.model.layers:
         layer.compile(backend="aot_eager", fullgraph=True, dynamic=True)
     assert_same(loss_and_grads(grouped), loss_and_grads(reference))
+
+
+def compiles_for_one_step(layers: int, join_base: bool) -> int:
+    model = lora_model("qwen2", layers=layers)
+    group_lora_projections(model, join_base=join_base)
+    compiles = []
+
+    def backend(graph, example_inputs):
+        compiles.append(1)
+        return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs)
+
+    torch._dynamo.reset()
+    for layer in model.base_model.model.model.layers:
+        layer.compile(backend=backend, dynamic=True)
+    loss_and_grads(model)
+    return len(compiles)
+
+
+def test_joined_tensors_are_graph_inputs_so_later_layers_reuse_the_compiled_graph():
+    # Layer 0 compiles apart (its input needs no gradient). Were the joined tensors constants of the graph,
+    # each further layer would compile its own.
+    assert compiles_for_one_step(4, join_base=True) == compiles_for_one_step(2, join_base=True) \
+        == compiles_for_one_step(2, join_base=False)
+
+
+def attention_and_mlp(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [module for layer in model.base_model.model.model.layers for module in (layer.self_attn, layer.mlp)]
+
+
+def test_joined_base_weights_are_views_of_one_tensor_and_nothing_else_changes():
+    reference = lora_model("qwen2")
+    joined = copy.deepcopy(reference)
+    parameters_before = dict(joined.named_parameters())
+    group_lora_projections(joined, join_base=True)
+    assert dict(joined.named_parameters()).keys() == parameters_before.keys()
+    assert all(parameters_before[name] is param for name, param in joined.named_parameters())  # same objects
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(joined.state_dict()[name], value, rtol=0, atol=0)
+    attention = joined.base_model.model.model.layers[0].self_attn
+    weight, bias = getattr(attention, JOINED_BASE)
+    offset = 0
+    for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+        base = projection.base_layer
+        assert base.weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+        assert base.weight.storage_offset() == offset * weight.shape[1]
+        assert base.bias.untyped_storage().data_ptr() == bias.untyped_storage().data_ptr()
+        offset += base.out_features
+    assert offset == weight.shape[0]
+
+
+def test_joined_base_weights_follow_the_model_to_another_dtype():
+    reference = lora_model()
+    joined = copy.deepcopy(reference)
+    group_lora_projections(joined, join_base=True)
+    for model in (reference, joined):
+        model.to(torch.float64)  # as .to("cuda") does: Module._apply converts each parameter on its own
+    for module in attention_and_mlp(joined):
+        weight, _ = getattr(module, JOINED_BASE)
+        assert weight.dtype == torch.float64
+        first = (module.q_proj if hasattr(module, "q_proj") else module.gate_proj).base_layer.weight
+        assert first.dtype == torch.float64 and first.data_ptr() == weight.data_ptr()
+    assert_same(loss_and_grads(joined), loss_and_grads(reference))
+
+
+def test_in_place_merge_and_unmerge_keep_the_joined_weights():
+    reference = lora_model()
+    joined = copy.deepcopy(reference)
+    group_lora_projections(joined, join_base=True)
+    for model in (reference, joined):
+        model.merge_adapter()  # peft merges in place: the joined tensor holds the merged weights
+    with torch.no_grad():
+        merged = [model(**batch()).loss.item() for model in (reference, joined)]
+    assert merged[0] == pytest.approx(merged[1], rel=1e-6)
+    for model in (reference, joined):
+        model.unmerge_adapter()
+    assert_same(loss_and_grads(joined), loss_and_grads(reference))
+
+
+def test_trainable_base_weights_are_grouped_but_not_joined():
+    model = lora_model()
+    model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.requires_grad_(True)
+    assert group_lora_projections(model, join_base=True) == (4, 3)
+    assert JOINED_BASE not in model.base_model.model.model.layers[0].mlp.__dict__

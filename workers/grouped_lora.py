@@ -11,8 +11,12 @@ products of a layer from 14 to 8 in the forward and from 28 to 16 in the backwar
 - ``B`` of every target in one product with the block-diagonal of the ``B`` matrices, whose zero blocks add
   exact zeros to the fp32 accumulation, so each target's delta is the one peft computes.
 
-The base projections, the rotary embedding, the attention function and the LoRA parameters are the model's own;
-only the order of launches changes. Used by the packed training path (``prepare_model_for_packing``) for the
+The rotary embedding, the attention function and the LoRA parameters are the model's own; only the order of
+launches changes. ``join_base_weights`` goes one step further for the frozen base projections: it lays a group's
+weights (and biases) out as one tensor, of which the layers' own weights become views (no memory added), so that
+the group's base product is one matrix product too and the LoRA terms are added to it in one kernel: per layer 3
+fewer base products forward and 3 fewer backward, as in the fused q/k/v and gate/up projections of inference
+engines. Used by the packed training path (``prepare_model_for_packing``) for the
 attention and MLP classes below. A group is left to peft when its targets differ in rank, scaling or dropout,
 use DoRA or a LoRA bias, or more than one adapter, and when the adapter is merged or disabled. The finetune
 worker does not group under ZeRO-3, whose hooks gather a parameter only when its own module is called.
@@ -71,8 +75,8 @@ def dropout_copies(x: torch.Tensor, copies: int, p: float, training: bool) -> to
     return F.dropout(stacked, p, training=True) if training and p > 0 else stacked
 
 
-def lora_deltas(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
-    """Each layer's LoRA term ``B(A(dropout(x))) * scaling`` for an input they share, as one group."""
+def joined_lora_delta(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> torch.Tensor:
+    """``[tokens, sum of out_features]``: each layer's LoRA term ``B(A(dropout(x))) * scaling`` side by side."""
     adapter = layers[0].active_adapters[0]
     first = layers[0]
     flat = x.reshape(-1, x.shape[-1])
@@ -88,15 +92,85 @@ def lora_deltas(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torc
     else:
         low = flat @ torch.cat(weights_a).t()
     weights_b = [layer.lora_B[adapter].weight for layer in layers]
-    delta = (low @ torch.block_diag(*weights_b).t()) * first.scaling[adapter]
-    sizes = [weight.shape[0] for weight in weights_b]
+    return (low @ torch.block_diag(*weights_b).t()) * first.scaling[adapter]
+
+
+def lora_deltas(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """Each layer's LoRA term ``B(A(dropout(x))) * scaling`` for an input they share, as one group."""
+    sizes = [layer.base_layer.out_features for layer in layers]
+    delta = joined_lora_delta(x, layers)
     return [part.reshape(*x.shape[:-1], size) for part, size in zip(delta.split(sizes, dim=-1), sizes)]
 
 
-def grouped_linear(x: torch.Tensor, layers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
-    """What ``layer(x)`` returns for each peft LoRA Linear in ``layers`` (see ``groupable``)."""
-    outputs = [layer.base_layer(x) for layer in layers]
-    return [(output + delta).to(output.dtype) for output, delta in zip(outputs, lora_deltas(x, layers))]
+def grouped_linear(x: torch.Tensor, layers: Sequence[torch.nn.Module],
+                   joined_base: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """What ``layer(x)`` returns for each peft LoRA Linear in ``layers`` (see ``groupable``).
+
+    ``joined_base`` is the group's base weight and bias from ``join_base_weights``: one product for the group.
+    """
+    if joined_base is None:
+        outputs = [layer.base_layer(x) for layer in layers]
+        return [(output + delta).to(output.dtype) for output, delta in zip(outputs, lora_deltas(x, layers))]
+    base = F.linear(x, *joined_base)
+    total = (base + joined_lora_delta(x, layers).view(base.shape)).to(base.dtype)
+    return list(total.split([layer.base_layer.out_features for layer in layers], dim=-1))
+
+
+# ---- the group's frozen base weights as one tensor ---------------------------------------------------------
+
+JOINED_BASE = "_prunetune_joined_base"  # (weight, bias or None) on the attention or MLP module
+
+
+def _joinable(bases: Sequence[torch.nn.Module]) -> bool:
+    """Plain frozen Linear layers on one input, device and dtype (not quantized, not sharded, not on meta)."""
+    if not all(type(base) is torch.nn.Linear and type(base.weight) is torch.nn.Parameter for base in bases):
+        return False
+    weights = [base.weight for base in bases]
+    if any(weight.requires_grad or weight.is_meta or weight.dim() != 2 for weight in weights):
+        return False
+    if len({(weight.device, weight.dtype, weight.shape[1]) for weight in weights}) != 1:
+        return False
+    biases = [base.bias for base in bases]
+    if all(bias is None for bias in biases):
+        return True
+    return all(bias is not None and not bias.requires_grad and bias.dtype == weights[0].dtype for bias in biases)
+
+
+def join_base_weights(owner: torch.nn.Module) -> bool:
+    """Make the base weights (and biases) of ``owner``'s LoRA group views of one tensor; True when joined.
+
+    The parameters stay the same objects (optimizers, DDP and ``state_dict`` see no change), only their storage
+    moves. ``owner.to(...)`` and the like join them again on the new device or dtype (see ``_apply_and_join``).
+    Weights replaced by assignment afterwards (not in place) are not seen: call this again.
+    """
+    projections = _group_of(owner)
+    if projections is None or not groupable(projections):
+        return False
+    bases = [layer.base_layer for layer in projections]
+    if not _joinable(bases):
+        owner.__dict__.pop(JOINED_BASE, None)
+        return False
+    with torch.no_grad():
+        weight = torch.cat([base.weight for base in bases])
+        bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
+        for base, part in zip(bases, weight.split([base.out_features for base in bases])):
+            base.weight.data = part
+        if bias is not None:
+            for base, part in zip(bases, bias.split([base.out_features for base in bases])):
+                base.bias.data = part
+    setattr(owner, JOINED_BASE, (weight, bias))
+    if "_apply" not in owner.__dict__:
+        owner._apply = types.MethodType(_apply_and_join, owner)
+    return True
+
+
+def _apply_and_join(self: torch.nn.Module, fn: Any, recurse: bool = True) -> torch.nn.Module:
+    """``Module._apply`` (behind ``.to``, ``.cuda``, ``.half`` ...) converts each parameter on its own, which
+    would leave the joined tensor behind on the old device; join the converted weights again."""
+    type(self)._apply(self, fn, recurse)
+    if recurse and JOINED_BASE in self.__dict__:
+        join_base_weights(self)
+    return self
 
 
 def grouped_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
@@ -114,7 +188,8 @@ def grouped_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor
         kwargs.pop(name, None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query, key, value = (out.view(hidden_shape).transpose(1, 2) for out in grouped_linear(hidden_states, projections))
+    query, key, value = (out.view(hidden_shape).transpose(1, 2)
+                         for out in grouped_linear(hidden_states, projections, getattr(self, JOINED_BASE, None)))
     cos, sin = position_embeddings
     query, key = sys.modules[type(self).__module__].apply_rotary_pos_emb(query, key, cos, sin)
     attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
@@ -130,33 +205,40 @@ def grouped_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     projections = (self.gate_proj, self.up_proj)
     if not groupable(projections):
         return self._prunetune_ungrouped_forward(x)
-    gate, up = grouped_linear(x, projections)
+    gate, up = grouped_linear(x, projections, getattr(self, JOINED_BASE, None))
     return self.down_proj(self.act_fn(gate) * up)
 
 
-def group_lora_projections(model: torch.nn.Module) -> int:
-    """Give the model's standard attention and MLP modules the grouped forwards; returns how many were changed.
+def _group_of(module: torch.nn.Module) -> tuple[torch.nn.Module, ...] | None:
+    """The projections that share an input in a standard attention (q/k/v) or MLP (gate/up) module, else None."""
+    name = type(module).__name__
+    if name in ATTENTION_CLASSES and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj")) \
+            and hasattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb"):
+        return module.q_proj, module.k_proj, module.v_proj
+    if name in MLP_CLASSES and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+        return module.gate_proj, module.up_proj
+    return None
 
-    Modules whose class is not listed, whose targets peft must run itself (``groupable``), or whose
-    ``forward`` something else already replaced are left alone. Idempotent.
+
+def group_lora_projections(model: torch.nn.Module, join_base: bool = False) -> tuple[int, int]:
+    """Give the model's standard attention and MLP modules the grouped forwards.
+
+    Returns how many modules run grouped, and of those how many have their base weights joined
+    (``join_base``, see ``join_base_weights``). Modules whose class is not listed, whose targets peft must run
+    itself (``groupable``), or whose ``forward`` something else already replaced are left alone. Idempotent.
     """
-    changed = 0
+    grouped = joined = 0
     for module in model.modules():
-        name = type(module).__name__
-        if name in ATTENTION_CLASSES and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj")):
-            projections, forward = (module.q_proj, module.k_proj, module.v_proj), grouped_attention_forward
-            if not hasattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb"):
+        projections = _group_of(module)
+        if projections is None:
+            continue
+        if "_prunetune_ungrouped_forward" not in module.__dict__:
+            if "forward" in module.__dict__ or not groupable(projections):
                 continue
-        elif name in MLP_CLASSES and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            projections, forward = (module.gate_proj, module.up_proj), grouped_mlp_forward
-        else:
-            continue
-        if "_prunetune_ungrouped_forward" in module.__dict__:
-            changed += 1
-            continue
-        if "forward" in module.__dict__ or not groupable(projections):
-            continue
-        module._prunetune_ungrouped_forward = module.forward
-        module.forward = types.MethodType(forward, module)
-        changed += 1
-    return changed
+            module._prunetune_ungrouped_forward = module.forward
+            forward = grouped_attention_forward if type(module).__name__ in ATTENTION_CLASSES else grouped_mlp_forward
+            module.forward = types.MethodType(forward, module)
+        grouped += 1
+        if join_base and (JOINED_BASE in module.__dict__ or join_base_weights(module)):
+            joined += 1
+    return grouped, joined

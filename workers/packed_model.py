@@ -26,6 +26,7 @@ from workers.packing import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "prunetune_varlen"  # our entry in transformers' AttentionInterface
+JOIN_BASE_WEIGHTS = True  # prepare_model_for_packing's default; benchmarks/finetune_worker_gpu.py compares both
 
 # ---- chunked linear + cross-entropy ---------------------------------------------------------------
 
@@ -296,11 +297,12 @@ class PackingSetup:
     compiled_layers: int
     loss: str
     grouped_lora_modules: int = 0  # attention and MLP modules running their LoRA targets as groups
+    joined_base_modules: int = 0  # of those, the ones whose group's base weights are one tensor
 
 
 def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = False, chunk_size: int = 4096,
                               compile_loss: bool | None = None, lora_inputs_in_autocast: bool = True,
-                              group_lora: bool = True) -> PackingSetup:
+                              group_lora: bool = True, join_base: bool | None = None) -> PackingSetup:
     """Set ``model`` (peft-wrapped or plain causal LM) up for batches from ``PackingCollator``.
 
     - attention: our variable-length function (transformers then builds no mask);
@@ -314,6 +316,8 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
     - ``group_lora``: LoRA targets that share an input (q/k/v, gate/up) run as one group
       (``workers/grouped_lora.py``): the same terms, fewer kernel launches. Turn it off under
       ZeRO-3, whose hooks gather a parameter only when its own module is called.
+    - ``join_base`` (default ``JOIN_BASE_WEIGHTS``): with ``group_lora``, each group's frozen base weights
+      become views of one tensor, so the group's base projection is one matrix product (``join_base_weights``).
     Call after ``get_peft_model`` and before the optimizer or Trainer is built. Idempotent.
     """
     lm = causal_lm(model)
@@ -336,7 +340,8 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
         for module in lm.modules():
             if hasattr(module, "lora_A") and hasattr(module, "_cast_input_dtype"):
                 module.cast_input_dtype_enabled = False
-    grouped = group_lora_projections(lm) if group_lora else 0
+    join_base = JOIN_BASE_WEIGHTS if join_base is None else join_base
+    grouped, joined = group_lora_projections(lm, join_base=join_base) if group_lora else (0, 0)
     device = next(lm.parameters()).device
     if device.type == "cuda" and _flash_available():
         probe_flash_gqa(device)  # decided here, outside compiled code
@@ -352,4 +357,5 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
     on_cuda = next(lm.parameters()).is_cuda and _flash_available()
     return PackingSetup(attention="flash-varlen" if on_cuda else "sdpa-block-mask", compiled_layers=compiled,
                         loss=f"chunked linear cross-entropy, {chunk_size} rows a chunk"
-                             + (", compiled" if compile_loss else ""), grouped_lora_modules=grouped)
+                             + (", compiled" if compile_loss else ""), grouped_lora_modules=grouped,
+                        joined_base_modules=joined)

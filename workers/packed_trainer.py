@@ -23,6 +23,7 @@ from workers.packed_model import PackingSetup, prepare_model_for_packing
 from workers.packing import PackedStepSampler, PackingCollator, group_in_order, micro_batches_for_budget
 
 GRADIENT_AS_BUCKET_VIEW = True  # DDP's option for the packed path; benchmarks/finetune_worker_gpu.py compares both
+GROUP_LORA = True  # LoRA targets sharing an input run as one group where allowed; the benchmark compares both
 
 
 @dataclass
@@ -39,7 +40,7 @@ def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list
                     tune: FinetuneSettings, world_size: int, compile_layers: bool,
                     group_lora: bool = True) -> PackedData:
     """Wire the model for packed batches and plan the steps; call after get_peft_model."""
-    setup = prepare_model_for_packing(model, compile_layers=compile_layers, group_lora=group_lora)
+    setup = prepare_model_for_packing(model, compile_layers=compile_layers, group_lora=group_lora and GROUP_LORA)
     lengths = [len(item["input_ids"]) for item in train_set]
     budget = max(tune.packing_max_tokens, max(lengths, default=1))
     micro = micro_batches_for_budget(lengths, tune.batch_size, world_size, max_tokens=budget, seed=tune.seed,
