@@ -235,6 +235,9 @@ def test_joined_base_weights_follow_the_model_to_another_dtype():
     reference = lora_model()
     joined = copy.deepcopy(reference)
     group_lora_projections(joined, join_base=True)
+    unchanged = {id(module): getattr(module, JOINED_BASE)[0] for module in attention_and_mlp(joined)}
+    joined.to(torch.float32)  # already fp32: nothing converted, nothing copied
+    assert all(getattr(module, JOINED_BASE)[0] is unchanged[id(module)] for module in attention_and_mlp(joined))
     for model in (reference, joined):
         model.to(torch.float64)  # as .to("cuda") does: Module._apply converts each parameter on its own
     for module in attention_and_mlp(joined):
@@ -264,3 +267,15 @@ def test_trainable_base_weights_are_grouped_but_not_joined():
     model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.requires_grad_(True)
     assert group_lora_projections(model, join_base=True) == (4, 3)
     assert JOINED_BASE not in model.base_model.model.model.layers[0].mlp.__dict__
+
+
+def test_a_move_while_merged_drops_the_joined_tensor_rather_than_keep_a_stale_one():
+    reference = lora_model()
+    joined = copy.deepcopy(reference)
+    group_lora_projections(joined, join_base=True)
+    for model in (reference, joined):
+        model.merge_adapter()
+        model.to(torch.float64)  # while merged the group is peft's: nothing to join the moved weights for
+        model.unmerge_adapter()
+    assert not any(JOINED_BASE in module.__dict__ for module in attention_and_mlp(joined))
+    assert_same(loss_and_grads(joined), loss_and_grads(reference))  # grouped, each base weight on its own

@@ -144,12 +144,10 @@ def join_base_weights(owner: torch.nn.Module) -> bool:
     Weights replaced by assignment afterwards (not in place) are not seen: call this again.
     """
     projections = _group_of(owner)
-    if projections is None or not groupable(projections):
+    if projections is None or not groupable(projections) or not _joinable([p.base_layer for p in projections]):
+        owner.__dict__.pop(JOINED_BASE, None)  # a joined tensor left from before would be stale
         return False
     bases = [layer.base_layer for layer in projections]
-    if not _joinable(bases):
-        owner.__dict__.pop(JOINED_BASE, None)
-        return False
     with torch.no_grad():
         weight = torch.cat([base.weight for base in bases])
         bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
@@ -164,11 +162,21 @@ def join_base_weights(owner: torch.nn.Module) -> bool:
     return True
 
 
+def _still_joined(owner: torch.nn.Module) -> bool:
+    weight, bias = owner.__dict__[JOINED_BASE]
+    bases = [layer.base_layer for layer in _group_of(owner) or ()]
+    tensors = [(base.weight, weight) for base in bases] + [(base.bias, bias) for base in bases if bias is not None]
+    return bool(bases) and all(
+        part is not None and part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+        for part, whole in tensors)
+
+
 def _apply_and_join(self: torch.nn.Module, fn: Any, recurse: bool = True) -> torch.nn.Module:
     """``Module._apply`` (behind ``.to``, ``.cuda``, ``.half`` ...) converts each parameter on its own, which
-    would leave the joined tensor behind on the old device; join the converted weights again."""
+    would leave the joined tensor behind on the old device; join the converted weights again. A conversion that
+    changed nothing (DeepSpeed's ``.bfloat16()`` of a bf16 model) keeps the joined tensor as it is."""
     type(self)._apply(self, fn, recurse)
-    if recurse and JOINED_BASE in self.__dict__:
+    if recurse and JOINED_BASE in self.__dict__ and not _still_joined(self):
         join_base_weights(self)
     return self
 
