@@ -10,6 +10,8 @@ tests/test_faults.py and benchmarks/fault_matrix.py call them.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import signal
 import subprocess
@@ -104,15 +106,41 @@ def preemption(study: FaultStudy) -> list[Outcome]:
     return [measure(study, outcome, pair, fault_at, max_resubmits=0, bound=CHECKPOINT_STEPS)]
 
 
-TIME_LIMIT = ("resources.finetune.time_min=2", "executor.signal_delay_s=30", "finetune.max_steps=48",
-              "finetune.checkpoint_steps=8", "finetune.max_requeues=4")
+TIME_LIMIT = ("resources.finetune.time_min=2", "executor.signal_delay_s=30", "finetune.checkpoint_steps=8",
+              "finetune.max_requeues=8")
+# SLURM sends the warning signal between 30 and 90 s after the start (it may send it up to 60 s early). A run of
+# about 4 minutes of training is signalled mid-training however fast this machine is; its steps are counted from
+# a short timed run first, since a fixed count took 26 s on one 2-core VM and well over 90 s on another. The
+# timed run's first step is slow (start-up), which made a 4-step count take a step for 2x its length.
+TIME_LIMIT_TRAIN_S = 240
+CALIBRATION_STEPS = 12
+
+
+def steps_lasting(study: FaultStudy, seconds: float) -> int:
+    """Optimizer steps of ``study``'s finetune that take about ``seconds`` here, from a finetune of
+    CALIBRATION_STEPS steps submitted the same way (a SLURM task of its own, in a results root of its own). Its
+    time includes the first step's start-up, so a step looks slower than it is: the count errs low, and runs stay
+    short on a slow machine."""
+    calibration = FaultStudy(study.root.with_name(study.root.name + "_calibration"), study.search,
+                             overrides=(f"finetune.max_steps={CALIBRATION_STEPS}", "finetune.checkpoint_steps=0",
+                                        "finetune.val_set_size=0"))
+    pair = calibration.pairs[0]
+    calibration.launch("select", "--search", str(calibration.search))
+    calibration.launch("--model", pair.model, "--config", pair.config, "--stage", "finetune")
+    calibration.settle()
+    metrics = json.loads((calibration.paths.finetuned_dir(pair) / "finetuning_config.json").read_text())["metrics"]
+    per_step = metrics["train_runtime_s"] / metrics["optimizer_steps"]
+    steps = max(CALIBRATION_STEPS, math.ceil(seconds / per_step))
+    study.note(f"calibration: {per_step:.2f} s a step -> {steps} steps for about {seconds:.0f} s")
+    return steps
 
 
 def time_limit(study: FaultStudy) -> list[Outcome]:
-    """--time=2 with the warning signal 30 s before it, and 48 steps (> 90 s with start-up): SLURM signals between
-    60 and 90 s (it checks every 30 s and may send the signal up to 60 s early), the finetune checkpoints at the
-    end of that step and requeues itself, and the next run finishes."""
+    """--time=2 with the warning signal 30 s before it, and about 4 minutes of steps: SLURM signals between 30 and
+    90 s, the finetune checkpoints at the end of that step and requeues itself, and a later run finishes (each run
+    that trains past its own warning requeues again, up to finetune.max_requeues)."""
     pair = study.pairs[0]
+    study.override(f"finetune.max_steps={steps_lasting(study, TIME_LIMIT_TRAIN_S)}")
     study.submit()
     task = study.task(pair)
     study.settle()

@@ -174,6 +174,13 @@ class FaultStudy:
         self.seen: dict[Pair, list[tuple[int, int]]] = {pair: [] for pair in self.pairs}  # (pid, step) per write
         self.stop_watching = threading.Event()
 
+    def override(self, *overrides: str) -> None:
+        """More overrides, before anything is submitted: what a scenario measured first (a step count)."""
+        self.overrides += overrides
+        self.config = load_config(REPO / "configs" / "demo.yaml", self.overrides)
+        self.paths = StudyPaths(self.config)
+        self.pairs = select_pairs(self.config)
+
     # ---- driving the study ----------------------------------------------------------------------
     def note(self, text: str) -> None:
         self.log.append(f"{time.strftime('%H:%M:%S')} {text}")
