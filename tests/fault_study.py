@@ -46,7 +46,7 @@ STATE_DIR = os.environ.get("PRUNETUNE_TEST_SLURM_STATE_DIR", "/tmp/prunetune-slu
 PORT_BASE = os.environ.get("PRUNETUNE_TEST_SLURM_PORT_BASE", "20817")
 
 CHECKPOINT_STEPS = 3
-# 64 sequences per optimizer step (4 x 16 accumulation), as the demo: 1.5-3 s a step on the 2-core test machine,
+# 64 sequences per optimizer step (4 x 16 accumulation), as the demo: 0.4-3 s a step on the 2-core machines seen,
 # long enough for the harness (polling every 0.2 s) to act between two steps; MAX_STEPS keeps a run short.
 MAX_STEPS = 12
 TUNE = [f"finetune.max_steps={MAX_STEPS}", f"finetune.checkpoint_steps={CHECKPOINT_STEPS}", "finetune.logging_steps=1",
