@@ -110,8 +110,8 @@ TIME_LIMIT = ("resources.finetune.time_min=2", "executor.signal_delay_s=30", "fi
               "finetune.max_requeues=8")
 # SLURM sends the warning signal between 30 and 90 s after the start (it may send it up to 60 s early). A run of
 # about 4 minutes of training is signalled mid-training however fast this machine is; its steps are counted from
-# a short timed run first, since a fixed count took 26 s on one 2-core VM and well over 90 s on another. The
-# timed run's first step is slow (start-up), which made a 4-step count take a step for 2x its length.
+# a short timed run first, since the fixed 48 steps used before, meant to outlast 90 s, took 26 s on a faster VM.
+# The timed run's first step is slow (start-up): timed over 4 steps, a step looked twice as long as it was.
 TIME_LIMIT_TRAIN_S = 240
 CALIBRATION_STEPS = 12
 
