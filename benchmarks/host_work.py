@@ -131,7 +131,6 @@ def main() -> int:
     unknown = set(args.setups.split(",")) - set(SETUPS)
     if unknown:
         parser.error(f"unknown --setups {sorted(unknown)}; choose from {', '.join(SETUPS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "width": args.width,
                       "layers": args.layers, "tokens": args.tokens}), flush=True)
     for result in measure(args.setups.split(","), args.compiled, args.width, args.layers, args.tokens, args.repeats):

@@ -144,17 +144,18 @@ def join_base_weights(owner: torch.nn.Module) -> bool:
     Weights replaced by assignment afterwards (not in place) are not seen: call this again.
     """
     projections = _group_of(owner)
-    if projections is None or not groupable(projections) or not _joinable([p.base_layer for p in projections]):
+    bases = [layer.base_layer for layer in projections] if projections and groupable(projections) else []
+    if not bases or not _joinable(bases):
         owner.__dict__.pop(JOINED_BASE, None)  # a joined tensor left from before would be stale
         return False
-    bases = [layer.base_layer for layer in projections]
+    sizes = [base.out_features for base in bases]
     with torch.no_grad():
         weight = torch.cat([base.weight for base in bases])
         bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
-        for base, part in zip(bases, weight.split([base.out_features for base in bases])):
+        for base, part in zip(bases, weight.split(sizes)):
             base.weight.data = part
         if bias is not None:
-            for base, part in zip(bases, bias.split([base.out_features for base in bases])):
+            for base, part in zip(bases, bias.split(sizes)):
                 base.bias.data = part
     setattr(owner, JOINED_BASE, (weight, bias))
     if "_apply" not in owner.__dict__:
