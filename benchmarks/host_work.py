@@ -15,6 +15,9 @@ it. For each set-up of the packed path it prints:
 - ``ms``: the median (and quartiles) of a micro-batch's wall time, at a token count small enough that the
   arithmetic is a small part of it. The set-ups take turns, one micro-batch each, so that a machine getting
   slower or faster during the run touches all of them alike.
+- ``first_micro_batch_s``: the first micro-batch, which compiles the layers with ``--compiled``. Set-ups after
+  the first may reuse its compiled code; run one set-up per process with ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``
+  for a cold compile.
 
 These are CPU numbers: a proxy for the launch side of a GPU step, not a GPU measurement.
 """
@@ -102,7 +105,10 @@ def measure(names: list[str], compiled: bool, width: int, layers: int, tokens: i
             with CountOperations() as counted:
                 step(model, batches[0])
             results[name]["operations"] = counted.count
-        for batch in batches:  # warm-up; compiles here
+        started = time.perf_counter()
+        step(model, batches[0])  # compiles here (--compiled)
+        results[name]["first_micro_batch_s"] = round(time.perf_counter() - started, 1)
+        for batch in batches[1:]:  # warm-up
             step(model, batch)
         models[name] = model
     times = {name: [] for name in names}

@@ -120,6 +120,33 @@ def test_packed_loss_and_lora_grads_match_padded(tokenizer, items):
     assert_close_grads(got_grads, want_grads, rtol=1e-4)
 
 
+def test_compiled_layers_share_one_training_graph_layer_0_included(tokenizer, items):
+    """The embeddings' output asks for a gradient, so layer 0 needs no training graph of its own (a compile
+    the worker pays at every start), and the LoRA gradients stay what the padded path computes."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    padded_model = lora_model(len(tokenizer))
+    packed_model = copy.deepcopy(padded_model)
+    torch._dynamo.reset()
+    prepare_model_for_packing(packed_model, compile_layers=True, compile_loss=False, compile_backend=backend)
+    want_loss, want_grads = padded_step(padded_model, tokenizer, [items[:4], items[4:]])
+    got_loss, got_grads = packed_step(packed_model, [items[:2], items[2:]])
+    assert len(graphs) == 1
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    assert_close_grads(got_grads, want_grads, rtol=1e-4)
+    packed_model.eval()
+    with torch.no_grad():  # evaluation: one graph more, the same for every layer, and no gradient asked for
+        batch = PackingCollator(max_length=64)(items[:2])
+        hidden = causal_lm(packed_model).get_input_embeddings()(batch["input_ids"])
+        assert not hidden.requires_grad
+        packed_model(**batch)
+    assert len(graphs) == 2
+
+
 def test_packed_forward_falls_back_for_unpacked_batches(tokenizer, items):
     model = lora_model(len(tokenizer))
     prepare_model_for_packing(model)

@@ -289,6 +289,26 @@ def packed_causal_lm_forward(self: torch.nn.Module, input_ids: torch.Tensor | No
     return CausalLMOutputWithPast(loss=loss)
 
 
+def _embeddings_need_grad(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_()
+    return output
+
+
+def one_graph_for_all_layers(lm: torch.nn.Module) -> None:
+    """Make the (frozen) embeddings' output ask for a gradient while training, as every later layer's input does.
+
+    Compiled code is specialised on whether its inputs need a gradient, so layer 0 would otherwise compile a
+    training graph of its own (forward and backward) beside the one the other layers share. The price is the
+    gradient of layer 0's q/k/v input, one matrix product of about 0.2% of a step's FLOPs at the 6.72B shape.
+    Under ``torch.no_grad`` (evaluation) nothing changes. Idempotent.
+    """
+    embeddings = lm.get_input_embeddings()
+    if embeddings is not None and not getattr(embeddings, "_prunetune_needs_grad", False):
+        embeddings.register_forward_hook(_embeddings_need_grad)
+        embeddings._prunetune_needs_grad = True
+
+
 @dataclass(frozen=True)
 class PackingSetup:
     """What ``prepare_model_for_packing`` turned on, for the run's records."""
@@ -302,13 +322,15 @@ class PackingSetup:
 
 def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = False, chunk_size: int = 4096,
                               compile_loss: bool | None = None, lora_inputs_in_autocast: bool = True,
-                              group_lora: bool = True, join_base: bool | None = None) -> PackingSetup:
+                              group_lora: bool = True, join_base: bool | None = None,
+                              compile_backend: Any = "inductor") -> PackingSetup:
     """Set ``model`` (peft-wrapped or plain causal LM) up for batches from ``PackingCollator``.
 
     - attention: our variable-length function (transformers then builds no mask);
     - loss: the causal LM's ``forward`` computes ``linear_cross_entropy`` for packed batches;
     - ``compile_layers``: ``torch.compile`` each decoder layer with dynamic shapes (one compile serves
-      all layers, since they share code; packed micro-batches vary in length);
+      all layers, since they share code; packed micro-batches vary in length; layer 0 included, see
+      ``one_graph_for_all_layers``); ``compile_backend`` is torch.compile's ``backend`` for them;
     - ``lora_inputs_in_autocast``: LoRA layers take their input as it comes (bf16) instead of peft's copy
       upcast to the fp32 adapter dtype; under ``torch.autocast`` (the Trainer's ``bf16=True``) the LoRA
       matmuls run in bf16 either way, so only the copy (time and saved memory) goes away. Switch it off
@@ -351,8 +373,9 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
         layers = lm.get_decoder().layers
         # layers share code, so one graph serves them all; room in case guards tell some apart
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(layers))
+        one_graph_for_all_layers(lm)
         for layer in layers:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, backend=compile_backend)
             compiled += 1
     on_cuda = next(lm.parameters()).is_cuda and _flash_available()
     return PackingSetup(attention="flash-varlen" if on_cuda else "sdpa-block-mask", compiled_layers=compiled,
