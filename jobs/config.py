@@ -93,6 +93,10 @@ class FinetuneSettings:
     # step, laid out as rows of up to packing_max_tokens real tokens. auto: on GPUs; off on CPU (the demo).
     packing: str = "auto"
     packing_max_tokens: int = 8192  # per micro-batch row; 8,192 fits an 8B-class model on an 80 GB card
+    # torch.compile the packed path's decoder layers and loss (Inductor). auto: on GPUs, where it pays for its
+    # minute or so of compiling at each start; on: on CPU too; off: eager (to rule compile out when debugging).
+    # Changes speed, not the recipe: a checkpoint resumes whatever this says. Needs packing (auto or on).
+    compile: str = "auto"
     # DeepSpeed ZeRO config from configs/deepspeed/ (zero2, zero3, zero3_offload) or none. auto: zero2 on GPUs or
     # with several ranks, none for one CPU process (nothing to shard; DeepSpeed would only slow the demo's start).
     deepspeed: str = "auto"
@@ -182,6 +186,7 @@ CHOICES = {
     "evaluate.precision": ("auto", "bf16", "fp16", "fp32"),
     "finetune.prompt_template": ("alpaca",),
     "finetune.packing": ("auto", "on", "off"),
+    "finetune.compile": ("auto", "on", "off"),
     "data.eval_source": ("local_files", "hub_mirror", "hf_cache"),
     "evaluate.backend": ("prunetune", "hf"),
     "finetune.deepspeed": DEEPSPEED_CHOICES,
@@ -372,6 +377,9 @@ def _check_semantics(config: StudyConfig) -> list[str]:
                    "executor.signal_delay_s"):
         if _get(config, dotted) < 0:
             problems.append(f"{dotted}: must be 0 or more, got {_get(config, dotted)}")
+    if tune.compile == "on" and tune.packing == "off":
+        problems.append("finetune.compile is on but finetune.packing is off: only the packed path is compiled "
+                        "(the recipe path runs as LLM-Pruner's); set finetune.packing=on, or finetune.compile=auto")
     if not 0 <= tune.lora_dropout < 1:
         problems.append(f"finetune.lora_dropout: must be in [0, 1), got {tune.lora_dropout}")
     if tune.learning_rate <= 0 or tune.num_epochs <= 0:

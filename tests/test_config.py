@@ -56,6 +56,12 @@ def test_batch_must_divide_by_micro_batch():
         load_config(None, ["finetune.batch_size=10", "finetune.micro_batch_size=4"])
 
 
+def test_compile_needs_the_packed_path():
+    with pytest.raises(ConfigError, match="finetune.compile is on but finetune.packing is off"):
+        load_config(None, ["finetune.compile=on", "finetune.packing=off"])
+    assert load_config(None, ["finetune.compile=off", "finetune.packing=off"]).finetune.compile == "off"
+
+
 def test_results_root_placeholder_in_data_paths():
     config = load_config(None, ["study.results_root=/tmp/x", "data.train_path={results_root}/a.json"])
     assert config.data.train_path == "/tmp/x/a.json"

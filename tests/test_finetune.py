@@ -183,6 +183,22 @@ def test_packed_path_trains_the_same_recipe(tmp_path):
     assert metrics["last_eval_loss"] is not None  # evaluation runs packed too
 
 
+def test_compiled_packed_path_trains_as_the_eager_one(tmp_path):
+    """finetune.compile=on runs the GPU default's compiled layers and loss (Inductor's CPU code here) through the
+    real worker; with dropout off (its random masks come from other kernels when compiled) the losses agree."""
+    losses = {}
+    for mode in ("off", "on"):
+        config = tiny_study(tmp_path / mode, "finetune.packing=on", "finetune.packing_max_tokens=128",
+                            "finetune.lora_dropout=0", f"finetune.compile={mode}")
+        finetune.run(config, PAIR)
+        record = json.loads((StudyPaths(config).finetuned_dir(PAIR) / "finetuning_config.json").read_text())
+        assert record["derived"]["packed_model"]["compiled_layers"] == (2 if mode == "on" else 0)
+        metrics = record["metrics"]
+        losses[mode] = (metrics["first_train_loss"], metrics["last_train_loss"], metrics["last_eval_loss"])
+    assert losses["on"][1] < losses["on"][0]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)
+
+
 def test_a_lone_rank_keeps_to_one_gpu_of_several(tmp_path, caplog):
     """One rank on a machine showing 4 GPUs: the Trainer would wrap the model in nn.DataParallel and take 4 x the
     micro-batch per step. The GPU count is set as the Trainer's device set-up sets it (no GPU here)."""

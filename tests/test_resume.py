@@ -169,3 +169,13 @@ def test_sigterm_saves_at_the_step_end_and_stops_without_requeue(tmp_path: Path,
                              match="terminated at step 4")
     newest = checkpointing.latest_valid_checkpoint(folder / checkpointing.CHECKPOINTS)
     assert newest is not None and newest.name == "checkpoint-4"
+
+
+def test_a_checkpoint_resumes_whatever_the_speed_settings_say():
+    from jobs.config import load_config
+
+    def key(*overrides: str) -> str:
+        return checkpointing.recipe_key(load_config(None, list(overrides)).finetune, 1, Path("m"), "d.json", True)
+
+    assert key("finetune.compile=off") == key("finetune.compile=on") == key("finetune.max_requeues=9") == key()
+    assert key("finetune.learning_rate=2e-4") != key()

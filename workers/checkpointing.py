@@ -97,7 +97,7 @@ def discard_unusable(folder: Path, keep: Path | None) -> None:
 
 
 # How a run survives, not what it trains: changing these between attempts keeps the checkpoints.
-OPERATIONAL_SETTINGS = ("checkpoint_steps", "checkpoint_minutes", "keep_checkpoints", "max_requeues")
+OPERATIONAL_SETTINGS = ("checkpoint_steps", "checkpoint_minutes", "keep_checkpoints", "max_requeues", "compile")
 
 
 def recipe_key(settings: Any, world_size: int, model_path: Path, train_path: str, packed: bool) -> str:

@@ -149,7 +149,8 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     if tune.packing == "on" or (tune.packing == "auto" and on_gpu):
         # Same 64 sequences per step, laid out as padding-free rows: accumulation = packed rows per rank.
         packing = prepare_packing(model, train_set, val_set, tokenizer.pad_token_id, tune, world_size,
-                                  compile_layers=on_gpu, group_lora=not shards_parameters(deepspeed_raw))
+                                  compile_layers=tune.compile == "on" or (tune.compile == "auto" and on_gpu),
+                                  group_lora=not shards_parameters(deepspeed_raw))
         accumulation = packing.micro_batches
         total_steps = tune.max_steps if tune.max_steps > 0 else math.ceil(tune.num_epochs * packing.steps_per_epoch)
     warmup = min(tune.warmup_steps, total_steps // 10)  # only bites when the run is < 10 x warmup steps
@@ -159,8 +160,10 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
              tune.micro_batch_size * accumulation * world_size, tune.micro_batch_size, accumulation, world_size,
              warmup, str(dtype).removeprefix("torch."), "GPU" if on_gpu else "CPU", run_info.deepspeed or "off")
     if packing:
-        log.info("%s: packed micro-batches of up to %d tokens, %d per rank and step (%d steps per epoch)",
-                 pair.label, tune.packing_max_tokens, packing.micro_batches, packing.steps_per_epoch)
+        log.info("%s: packed micro-batches of up to %d tokens, %d per rank and step (%d steps per epoch), %s",
+                 pair.label, tune.packing_max_tokens, packing.micro_batches, packing.steps_per_epoch,
+                 f"{packing.setup.compiled_layers} layers compiled (the first step compiles them)"
+                 if packing.setup.compiled_layers else "eager (finetune.compile)")
 
     deepspeed_config = None
     if deepspeed_raw is not None:
