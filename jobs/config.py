@@ -95,7 +95,8 @@ class FinetuneSettings:
     packing_max_tokens: int = 8192  # per micro-batch row; 8,192 fits an 8B-class model on an 80 GB card
     # torch.compile the packed path's decoder layers and loss (Inductor). auto: on GPUs, where it pays for its
     # minute or so of compiling at each start; on: on CPU too; off: eager (to rule compile out when debugging).
-    # Changes speed, not the recipe: a checkpoint resumes whatever this says. Needs packing (auto or on).
+    # Changes speed, not the recipe: a checkpoint resumes whatever this says. Needs packing (auto or on); never
+    # under ZeRO-3 (zero3, zero3_offload), whose hooks gather each module's parameters as it runs.
     compile: str = "auto"
     # DeepSpeed ZeRO config from configs/deepspeed/ (zero2, zero3, zero3_offload) or none. auto: zero2 on GPUs or
     # with several ranks, none for one CPU process (nothing to shard; DeepSpeed would only slow the demo's start).
@@ -377,6 +378,10 @@ def _check_semantics(config: StudyConfig) -> list[str]:
                    "executor.signal_delay_s"):
         if _get(config, dotted) < 0:
             problems.append(f"{dotted}: must be 0 or more, got {_get(config, dotted)}")
+    if tune.compile == "on" and tune.deepspeed.startswith("zero3"):
+        problems.append(f"finetune.compile is on but finetune.deepspeed is {tune.deepspeed}: ZeRO-3's hooks gather "
+                        "each module's parameters as it runs, which compiled layers cannot take in; set "
+                        "finetune.compile=auto (eager under ZeRO-3), or finetune.deepspeed=zero2")
     if tune.compile == "on" and tune.packing == "off":
         problems.append("finetune.compile is on but finetune.packing is off: only the packed path is compiled "
                         "(the recipe path runs as LLM-Pruner's); set finetune.packing=on, or finetune.compile=auto")

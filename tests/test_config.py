@@ -60,6 +60,8 @@ def test_compile_needs_the_packed_path():
     with pytest.raises(ConfigError, match="finetune.compile is on but finetune.packing is off"):
         load_config(None, ["finetune.compile=on", "finetune.packing=off"])
     assert load_config(None, ["finetune.compile=off", "finetune.packing=off"]).finetune.compile == "off"
+    with pytest.raises(ConfigError, match="finetune.compile is on but finetune.deepspeed is zero3_offload"):
+        load_config(None, ["finetune.compile=on", "finetune.deepspeed=zero3_offload"])
 
 
 def test_results_root_placeholder_in_data_paths():

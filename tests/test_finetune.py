@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,6 +199,32 @@ def test_compiled_packed_path_trains_as_the_eager_one(tmp_path):
         losses[mode] = (metrics["first_train_loss"], metrics["last_train_loss"], metrics["last_eval_loss"])
     assert losses["on"][1] < losses["on"][0]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)
+
+
+def test_zero3_packed_path_trains_uncompiled_and_ungrouped(tmp_path):
+    """ZeRO-3 gathers each module's parameters as it runs: the packed path trains there with neither LoRA groups
+    nor compiled layers (which would trace the gathering hooks). In a child process, because DeepSpeed's process
+    group stays for the process's later tasks (the local executor's case)."""
+    from tests.two_ranks import REPO, child_environment
+
+    overrides = ["finetune.packing=on", "finetune.packing_max_tokens=128", "finetune.deepspeed=zero3"]
+    script = ("import sys; from pathlib import Path; from tests.test_finetune import PAIR, tiny_study; "
+              "from workers import finetune; finetune.run(tiny_study(Path(sys.argv[1]), *sys.argv[2:]), PAIR)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), *overrides], cwd=REPO,
+                          env=child_environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    config = load_config(None, [f"study.results_root={tmp_path / 'results'}", *overrides])
+    folder = StudyPaths(config).finetuned_dir(PAIR)
+    assert is_done(folder, verify_checksums=True)
+    record = json.loads((folder / "finetuning_config.json").read_text())
+    assert record["derived"]["deepspeed"] == "zero3"
+    packed = record["derived"]["packed_model"]
+    assert (packed["grouped_lora_modules"], packed["compiled_layers"]) == (0, 0)
+    assert record["metrics"]["last_train_loss"] < record["metrics"]["first_train_loss"]
+    assert [finetune.compiles_layers(setting, on_gpu=True, sharded=True) for setting in ("auto", "on")] == [False] * 2
+    assert [finetune.compiles_layers(setting, on_gpu=False, sharded=False) for setting in ("auto", "on", "off")] \
+        == [False, True, False]
+    assert finetune.compiles_layers("auto", on_gpu=True, sharded=False)
 
 
 def test_a_lone_rank_keeps_to_one_gpu_of_several(tmp_path, caplog):

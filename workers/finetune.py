@@ -148,9 +148,12 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     packing = None
     if tune.packing == "on" or (tune.packing == "auto" and on_gpu):
         # Same 64 sequences per step, laid out as padding-free rows: accumulation = packed rows per rank.
+        sharded = shards_parameters(deepspeed_raw)
+        if sharded and compiles_layers(tune.compile, on_gpu, sharded=False):
+            log.info("%s: ZeRO-3 shards the parameters, so the decoder layers run eagerly", pair.label)
         packing = prepare_packing(model, train_set, val_set, tokenizer.pad_token_id, tune, world_size,
-                                  compile_layers=tune.compile == "on" or (tune.compile == "auto" and on_gpu),
-                                  group_lora=not shards_parameters(deepspeed_raw))
+                                  compile_layers=compiles_layers(tune.compile, on_gpu, sharded),
+                                  group_lora=not sharded)
         accumulation = packing.micro_batches
         total_steps = tune.max_steps if tune.max_steps > 0 else math.ceil(tune.num_epochs * packing.steps_per_epoch)
     warmup = min(tune.warmup_steps, total_steps // 10)  # only bites when the run is < 10 x warmup steps
@@ -359,6 +362,16 @@ def clamp_val_size(requested: int, n_examples: int) -> int:
 def shards_parameters(deepspeed_config: dict[str, Any] | None) -> bool:
     """Whether a DeepSpeed config (as loaded, or None for no DeepSpeed) shards the parameters (ZeRO stage 3)."""
     return deepspeed_config is not None and int(deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def compiles_layers(compile_setting: str, on_gpu: bool, sharded: bool) -> bool:
+    """Whether the packed path compiles its decoder layers (``finetune.compile``: auto means on GPUs).
+
+    Never under ZeRO-3 (``sharded``): its hooks gather a module's parameters when that module runs, and compiled
+    layers would trace them, recompiling up to Dynamo's limit. LoRA groups are off there too: a group would read
+    parameters that only their own module's hook gathers.
+    """
+    return not sharded and (compile_setting == "on" or (compile_setting == "auto" and on_gpu))
 
 
 def optimizer_steps(n_train: int, tune: FinetuneSettings, accumulation: int, world_size: int) -> int:
