@@ -11,7 +11,8 @@ Builds a random-init Llama of the chosen shape, a tokenizer trained here and alp
 (LLM-Pruner's layout: micro batch 4, padded) and ``finetune.packing=on`` (the default on GPUs). It prints
 the real-token throughput each run recorded in its finetuning_config.json, and the steady-state throughput
 after ``--skip`` steps (the worker's own figure includes torch.compile and the first steps) with the time per
-step of each ``--block`` of steps after them, and how long each checkpoint save took (``--checkpoint-steps``).
+step of each ``--block`` of steps after them, how long each checkpoint save took (``--checkpoint-steps``), and
+how long the first step took (``first_step_s``: on a GPU it compiles the packed path's layers).
 ``benchmarks/lora_throughput.py`` is the controlled kernel-level benchmark; this one shows the worker itself
 takes the fast path. Under torchrun each process is one rank of the real worker (ranks come from the launcher's
 environment, as from SLURM's); prepare the model first with ``--prepare-only``.
@@ -103,9 +104,15 @@ def main() -> int:
     steady = StepClock(args.skip, args.block)
     finetune.LogLines.on_step_end = steady.on_step_end  # plain callback hooks the worker's LogLines leaves unused
     finetune.LogLines.on_save = steady.on_save
+    begin_hooks = [steady.on_step_begin]
     if args.profile_step and rank == 0:
-        profile = StepProfile(args.profile_step, args.trace)
-        finetune.LogLines.on_step_begin = profile.on_step_begin
+        begin_hooks.append(StepProfile(args.profile_step, args.trace).on_step_begin)
+
+    def on_step_begin(args, state, control, **kwargs) -> None:
+        for hook in begin_hooks:
+            hook(args, state, control, **kwargs)
+
+    finetune.LogLines.on_step_begin = staticmethod(on_step_begin)
     results = []
     for variant in args.variants.split(","):
         study = load_config(None, [
@@ -129,6 +136,7 @@ def main() -> int:
                         "deepspeed": record["derived"]["deepspeed"], "tokens_per_s": round(metrics["train_tokens_per_s"]),
                         "steady_tokens_per_s": steady.tokens_per_s(tokens_per_step),
                         "block_ms_per_step": steady.block_ms_per_step(),
+                        "first_step_s": steady.first_step_s,  # with compile=auto on a GPU: compiling included
                         "checkpoint_save_s": steady.saves,
                         "train_runtime_s": metrics["train_runtime_s"], "wall_s": round(wall, 1),
                         "steps": metrics["optimizer_steps"], "first_loss": metrics["first_train_loss"],
@@ -155,11 +163,19 @@ class StepClock:
 
     def __init__(self, skip: int, block: int = 10) -> None:
         self.skip, self.block, self.times, self.saves, self.save_started = skip, block, [], [], 0.0
+        self.first_started: float | None = None
+        self.first_step_s: float | None = None
 
     def reset(self) -> None:
-        self.times, self.saves = [], []
+        self.times, self.saves, self.first_started, self.first_step_s = [], [], None, None
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:  # called from LogLines.on_step_begin
+        if self.first_started is None:
+            self.first_started = _synchronized_now()
 
     def on_step_end(self, args, state, control, **kwargs) -> None:  # bound as LogLines.on_step_end
+        if self.first_step_s is None and self.first_started is not None:
+            self.first_step_s = round(_synchronized_now() - self.first_started, 1)
         ends_window = state.global_step in (self.skip, state.max_steps) or (
             self.block > 0 and state.global_step > self.skip and (state.global_step - self.skip) % self.block == 0)
         if not (ends_window or control.should_save):
