@@ -94,7 +94,8 @@ class FinetuneSettings:
     packing: str = "auto"
     packing_max_tokens: int = 8192  # per micro-batch row; 8,192 fits an 8B-class model on an 80 GB card
     # torch.compile the packed path's decoder layers and loss (Inductor). auto: on GPUs, where it pays for its
-    # minute or so of compiling at each start; on: on CPU too; off: eager (to rule compile out when debugging).
+    # minute or so of compiling at each start, unless pruning left the layers in more than 4 shapes (each shape
+    # compiles apart); on: always, CPU too; off: eager (to rule compile out when debugging).
     # Changes speed, not the recipe: a checkpoint resumes whatever this says. Needs packing (auto or on); never
     # under ZeRO-3 (zero3, zero3_offload), whose hooks gather each module's parameters as it runs.
     compile: str = "auto"

@@ -179,6 +179,7 @@ def test_packed_path_trains_the_same_recipe(tmp_path):
     assert derived["gradient_accumulation_steps"] == derived["packed_rows_per_rank_and_step"]
     assert derived["packed_model"]["grouped_lora_modules"] == 2 * 2  # attention and MLP of both layers
     assert derived["packed_model"]["joined_base_modules"] == 2 * 2  # each with its base weights as one tensor
+    assert derived["packed_model"]["layer_shapes"] == 1  # the tiny model is unpruned
     metrics = record["metrics"]
     assert metrics["optimizer_steps"] == derived["total_optimizer_steps"]  # the plan matched what ran
     assert metrics["last_train_loss"] < metrics["first_train_loss"]
@@ -221,10 +222,16 @@ def test_zero3_packed_path_trains_uncompiled_and_ungrouped(tmp_path):
     packed = record["derived"]["packed_model"]
     assert (packed["grouped_lora_modules"], packed["compiled_layers"]) == (0, 0)
     assert record["metrics"]["last_train_loss"] < record["metrics"]["first_train_loss"]
-    assert [finetune.compiles_layers(setting, on_gpu=True, sharded=True) for setting in ("auto", "on")] == [False] * 2
-    assert [finetune.compiles_layers(setting, on_gpu=False, sharded=False) for setting in ("auto", "on", "off")] \
-        == [False, True, False]
-    assert finetune.compiles_layers("auto", on_gpu=True, sharded=False)
+
+
+@pytest.mark.parametrize(("setting", "on_gpu", "sharded", "shapes", "compiles"), [
+    ("auto", True, False, 1, True), ("auto", True, False, finetune.AUTO_COMPILE_MAX_LAYER_SHAPES, True),
+    ("auto", True, False, finetune.AUTO_COMPILE_MAX_LAYER_SHAPES + 1, False),  # a compile per shape costs more
+    ("auto", False, False, 1, False), ("on", False, False, 30, True), ("off", True, False, 1, False),
+    ("auto", True, True, 1, False), ("on", True, True, 1, False),  # ZeRO-3's hooks are not for compiled layers
+])
+def test_when_the_packed_path_compiles_its_layers(setting, on_gpu, sharded, shapes, compiles):
+    assert finetune.compiles_layers(setting, on_gpu, sharded, shapes) is compiles
 
 
 def test_a_lone_rank_keeps_to_one_gpu_of_several(tmp_path, caplog):

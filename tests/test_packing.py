@@ -147,6 +147,31 @@ def test_compiled_layers_share_one_training_graph_layer_0_included(tokenizer, it
     assert len(graphs) == 2
 
 
+def test_each_pruned_layer_shape_compiles_apart(tokenizer, items):
+    """Structured pruning leaves layers of different widths, and compiled code is specialised on its parameters'
+    shapes: one training graph per distinct shape (finetune.compile=auto stops compiling past a few)."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256)
+    base = LlamaForCausalLM(config)
+    mlp = base.model.layers[2].mlp  # the last layer's MLP pruned to 80 channels
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (torch.nn.Linear(64, 80, bias=False),
+                                                 torch.nn.Linear(64, 80, bias=False), torch.nn.Linear(80, 64, bias=False))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(LORA_TARGETS),
+                                            task_type="CAUSAL_LM"))
+    torch._dynamo.reset()
+    setup = prepare_model_for_packing(model, compile_layers=True, compile_loss=False, compile_backend=backend)
+    assert setup.layer_shapes == 2
+    packed_step(model, [items])
+    assert len(graphs) == 2
+
+
 def test_packed_forward_falls_back_for_unpacked_batches(tokenizer, items):
     model = lora_model(len(tokenizer))
     prepare_model_for_packing(model)

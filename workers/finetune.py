@@ -53,6 +53,7 @@ from jobs.study import Pair, StudyPaths, pickle_allowed
 from workers import checkpointing, distributed
 from workers.lora_trainer import LoraTrainer
 from workers.modelio import load_pruned_model, resolve_dtype
+from workers.packed_model import layer_shape_count
 from workers.packed_trainer import PackedTrainer, prepare_packing
 from workers.prompts import load_alpaca_examples, tokenize_example
 
@@ -148,11 +149,15 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     packing = None
     if tune.packing == "on" or (tune.packing == "auto" and on_gpu):
         # Same 64 sequences per step, laid out as padding-free rows: accumulation = packed rows per rank.
-        sharded = shards_parameters(deepspeed_raw)
-        if sharded and compiles_layers(tune.compile, on_gpu, sharded=False):
-            log.info("%s: ZeRO-3 shards the parameters, so the decoder layers run eagerly", pair.label)
+        sharded, shapes = shards_parameters(deepspeed_raw), layer_shape_count(model)
+        if compiles_layers(tune.compile, on_gpu, sharded=False, layer_shapes=1) \
+                and not compiles_layers(tune.compile, on_gpu, sharded, shapes):
+            log.info("%s: the decoder layers run eagerly: %s", pair.label,
+                     "ZeRO-3 shards the parameters" if sharded else
+                     f"they come in {shapes} shapes, and compiling each would take about as long as it saves "
+                     "(finetune.compile=on compiles them anyway)")
         packing = prepare_packing(model, train_set, val_set, tokenizer.pad_token_id, tune, world_size,
-                                  compile_layers=compiles_layers(tune.compile, on_gpu, sharded),
+                                  compile_layers=compiles_layers(tune.compile, on_gpu, sharded, shapes),
                                   group_lora=not sharded)
         accumulation = packing.micro_batches
         total_steps = tune.max_steps if tune.max_steps > 0 else math.ceil(tune.num_epochs * packing.steps_per_epoch)
@@ -364,14 +369,26 @@ def shards_parameters(deepspeed_config: dict[str, Any] | None) -> bool:
     return deepspeed_config is not None and int(deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
-def compiles_layers(compile_setting: str, on_gpu: bool, sharded: bool) -> bool:
-    """Whether the packed path compiles its decoder layers (``finetune.compile``: auto means on GPUs).
+# ``finetune.compile=auto`` compiles a decoder of at most this many distinct layer shapes. Uniform structured
+# pruning gives 2 or 3 (pruned layers, and the unpruned first and last ones); a per-layer search can give one per
+# layer. Each shape is one more compile: 6 shapes took 3.3-3.8 x one shape's time on the CPU, and on an H200 the
+# first step's compile took 83-99 s (benchmarks/RESULTS.md). Compiled steps run about 1.6 x faster (the issue's
+# H100 figures), some 6-8 minutes of a one-GPU pair's finetune, less with more GPUs: past a few shapes the
+# compiles cost what they save. An estimate from those figures, not a GPU measurement.
+AUTO_COMPILE_MAX_LAYER_SHAPES = 4
+
+
+def compiles_layers(compile_setting: str, on_gpu: bool, sharded: bool, layer_shapes: int) -> bool:
+    """Whether the packed path compiles its decoder layers: ``finetune.compile`` on, or auto on a GPU with at
+    most ``AUTO_COMPILE_MAX_LAYER_SHAPES`` distinct layer shapes.
 
     Never under ZeRO-3 (``sharded``): its hooks gather a module's parameters when that module runs, and compiled
     layers would trace them, recompiling up to Dynamo's limit. LoRA groups are off there too: a group would read
     parameters that only their own module's hook gathers.
     """
-    return not sharded and (compile_setting == "on" or (compile_setting == "auto" and on_gpu))
+    if sharded or compile_setting == "off":
+        return False
+    return compile_setting == "on" or (on_gpu and layer_shapes <= AUTO_COMPILE_MAX_LAYER_SHAPES)
 
 
 def optimizer_steps(n_train: int, tune: FinetuneSettings, accumulation: int, world_size: int) -> int:

@@ -309,6 +309,13 @@ def one_graph_for_all_layers(lm: torch.nn.Module) -> None:
         embeddings._prunetune_needs_grad = True
 
 
+def layer_shape_count(model: torch.nn.Module) -> int:
+    """How many distinct parameter shapes the decoder's layers have. Structured pruning narrows layers, and
+    compiled code is specialised on its parameters' shapes: each distinct shape is one more compile."""
+    layers = causal_lm(model).get_decoder().layers
+    return len({tuple((name, tuple(param.shape)) for name, param in layer.named_parameters()) for layer in layers})
+
+
 @dataclass(frozen=True)
 class PackingSetup:
     """What ``prepare_model_for_packing`` turned on, for the run's records."""
@@ -318,6 +325,7 @@ class PackingSetup:
     loss: str
     grouped_lora_modules: int = 0  # attention and MLP modules running their LoRA targets as groups
     joined_base_modules: int = 0  # of those, the ones whose group's base weights are one tensor
+    layer_shapes: int = 1  # distinct decoder-layer shapes (pruning); compiled layers compile once per shape
 
 
 def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = False, chunk_size: int = 4096,
@@ -381,4 +389,4 @@ def prepare_model_for_packing(model: torch.nn.Module, compile_layers: bool = Fal
     return PackingSetup(attention="flash-varlen" if on_cuda else "sdpa-block-mask", compiled_layers=compiled,
                         loss=f"chunked linear cross-entropy, {chunk_size} rows a chunk"
                              + (", compiled" if compile_loss else ""), grouped_lora_modules=grouped,
-                        joined_base_modules=joined)
+                        joined_base_modules=joined, layer_shapes=layer_shape_count(lm))
