@@ -120,15 +120,21 @@ def test_packed_loss_and_lora_grads_match_padded(tokenizer, items):
     assert_close_grads(got_grads, want_grads, rtol=1e-4)
 
 
-def test_compiled_layers_share_one_training_graph_layer_0_included(tokenizer, items):
-    """The embeddings' output asks for a gradient, so layer 0 needs no training graph of its own (a compile
-    the worker pays at every start), and the LoRA gradients stay what the padded path computes."""
+def graph_recorder() -> tuple[list, object]:
+    """A torch.compile backend that runs each graph as traced (no Inductor) and keeps it in the list."""
     graphs = []
 
     def backend(graph, example_inputs):
         graphs.append(graph)
         return graph.forward
 
+    return graphs, backend
+
+
+def test_compiled_layers_share_one_training_graph_layer_0_included(tokenizer, items):
+    """The embeddings' output asks for a gradient, so layer 0 needs no training graph of its own (a compile
+    the worker pays at every start), and the LoRA gradients stay what the padded path computes."""
+    graphs, backend = graph_recorder()
     padded_model = lora_model(len(tokenizer))
     packed_model = copy.deepcopy(padded_model)
     torch._dynamo.reset()
@@ -150,12 +156,7 @@ def test_compiled_layers_share_one_training_graph_layer_0_included(tokenizer, it
 def test_each_pruned_layer_shape_compiles_apart(tokenizer, items):
     """Structured pruning leaves layers of different widths, and compiled code is specialised on its parameters'
     shapes: one training graph per distinct shape (finetune.compile=auto stops compiling past a few)."""
-    graphs = []
-
-    def backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
+    graphs, backend = graph_recorder()
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256)

@@ -150,15 +150,14 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
     if tune.packing == "on" or (tune.packing == "auto" and on_gpu):
         # Same 64 sequences per step, laid out as padding-free rows: accumulation = packed rows per rank.
         sharded, shapes = shards_parameters(deepspeed_raw), layer_shape_count(model)
-        if compiles_layers(tune.compile, on_gpu, sharded=False, layer_shapes=1) \
-                and not compiles_layers(tune.compile, on_gpu, sharded, shapes):
+        compile_layers = compiles_layers(tune.compile, on_gpu, sharded, shapes)
+        if not compile_layers and compiles_layers(tune.compile, on_gpu, sharded=False, layer_shapes=1):
             log.info("%s: the decoder layers run eagerly: %s", pair.label,
                      "ZeRO-3 shards the parameters" if sharded else
                      f"they come in {shapes} shapes, and compiling each would take about as long as it saves "
                      "(finetune.compile=on compiles them anyway)")
         packing = prepare_packing(model, train_set, val_set, tokenizer.pad_token_id, tune, world_size,
-                                  compile_layers=compiles_layers(tune.compile, on_gpu, sharded, shapes),
-                                  group_lora=not sharded)
+                                  compile_layers=compile_layers, group_lora=not sharded)
         accumulation = packing.micro_batches
         total_steps = tune.max_steps if tune.max_steps > 0 else math.ceil(tune.num_epochs * packing.steps_per_epoch)
     warmup = min(tune.warmup_steps, total_steps // 10)  # only bites when the run is < 10 x warmup steps
