@@ -23,6 +23,7 @@ and LM head at full size); the tokenizer trained here uses only the first ~1,000
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -79,10 +80,16 @@ def main() -> int:
                         help="grouped LoRA keeps each base projection's weight apart (one product per target)")
     parser.add_argument("--work", help="folder for the model and data (kept; reused when already prepared)")
     parser.add_argument("--prepare-only", action="store_true", help="build model and data in --work, then stop")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more setting for every run, a key=value override as launch.py takes it "
+                             "(e.g. finetune.lora_dropout=0)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY (a Python literal) before the runs, for an A/B")
     parser.add_argument("--tag", default="run", help="results go to <work>/<packing>-<tag>: one tag per run to compare")
     args = parser.parse_args()
 
     import torch
+    import torch._inductor.config as inductor_config
 
     from jobs.config import load_config
     from jobs.study import Pair, StudyPaths
@@ -101,6 +108,9 @@ def main() -> int:
     packed_trainer.GRADIENT_AS_BUCKET_VIEW = not args.no_bucket_view
     packed_trainer.GROUP_LORA = not args.no_group_lora
     packed_model.JOIN_BASE_WEIGHTS = not args.no_join_base
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        setattr(inductor_config, key, ast.literal_eval(value))
     steady = StepClock(args.skip, args.block)
     finetune.LogLines.on_step_end = steady.on_step_end  # plain callback hooks the worker's LogLines leaves unused
     finetune.LogLines.on_save = steady.on_save
@@ -121,7 +131,7 @@ def main() -> int:
             f"finetune.deepspeed={args.deepspeed}", f"finetune.checkpoint_steps={args.checkpoint_steps}",
             f"finetune.max_steps={args.steps}", "finetune.val_set_size=16", "finetune.eval_steps=1000",
             f"finetune.logging_steps={args.logging_steps}",
-            f"resources.finetune.gpus_per_node={os.environ.get('WORLD_SIZE', '1')}"])
+            f"resources.finetune.gpus_per_node={os.environ.get('WORLD_SIZE', '1')}", *args.set])
         steady.reset()
         started = time.monotonic()
         finetune.run(study, Pair("Llama", "best_acc"))
