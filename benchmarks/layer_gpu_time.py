@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config  # the Inductor options some variants set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
