@@ -54,7 +54,10 @@ class CountOperations(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(group_lora: bool, join_base: bool, compiled: bool, width: int, layers: int):
+def build(group_lora: bool, join_base: bool, compiled: bool, width: int, layers: int, heads: int = 8,
+          dropout: float = 0.05, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """The 6.72B pruned Llama-3's structure (GQA 4:1, MLP 11008/4096 of the width) at ``width``, with LoRA r 8 on
+    the recipe's targets, set up by ``prepare_model_for_packing``; ``dtype`` for the base weights (LoRA stays fp32)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,9 +66,12 @@ def build(group_lora: bool, join_base: bool, compiled: bool, width: int, layers:
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=width, intermediate_size=round(width * 11008 / 4096), num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048)
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=1024,
+                         max_position_embeddings=2048)
+    with torch.device(device):
+        base = LlamaForCausalLM(config)
+    model = get_peft_model(base.to(dtype) if dtype else base, LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
     setup = prepare_model_for_packing(model, compile_layers=compiled, group_lora=group_lora, join_base=join_base)
     model.train()
     return model, setup

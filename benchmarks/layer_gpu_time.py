@@ -45,25 +45,11 @@ VARIANTS = {  # name: (compile layers, LoRA dropout, Inductor config)
 }
 
 
-def build(width: int, layers: int, dropout: float, compiled: bool, device: torch.device):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(width: int, layers: int, dropout: float, compiled: bool, device: torch.device) -> torch.nn.Module:
+    from host_work import build as packed_model
 
-    from jobs.config import LORA_TARGETS
-    from workers.packed_model import prepare_model_for_packing
-
-    torch.manual_seed(0)
-    heads = max(1, width // 128)
-    config = LlamaConfig(hidden_size=width, intermediate_size=round(width * 11008 / 4096), num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=1024,
-                         max_position_embeddings=4096)
-    with torch.device(device):
-        base = LlamaForCausalLM(config).to(torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                            target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
-    prepare_model_for_packing(model, compile_layers=compiled, group_lora=True, join_base=True)
-    model.train()
-    return model
+    return packed_model(True, True, compiled, width, layers, heads=max(1, width // 128), dropout=dropout,
+                        device=device, dtype=torch.bfloat16)[0]
 
 
 def micro_batch(tokens: int, device: torch.device) -> dict:
@@ -116,18 +102,19 @@ def gpu_time_by_kind(model: torch.nn.Module, batch: dict, device: torch.device) 
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         forward_backward(model, batch, device)
         torch.cuda.synchronize()
-    kinds: dict[str, list[float]] = {}
+    ms_by_kind: dict[str, float] = {}
+    kernels_by_kind: dict[str, int] = {}
     top = []
     for event in profiler.key_averages():
         total = getattr(event, "device_time_total", 0.0) / 1e3
         if total <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        kinds.setdefault(kernel_kind(event.key), [0.0, 0])
-        kinds[kernel_kind(event.key)][0] += total
-        kinds[kernel_kind(event.key)][1] += event.count
+        kind = kernel_kind(event.key)
+        ms_by_kind[kind] = ms_by_kind.get(kind, 0.0) + total
+        kernels_by_kind[kind] = kernels_by_kind.get(kind, 0) + event.count
         top.append((round(total, 2), event.count, event.key[:90]))
-    return {"ms_by_kind": {kind: round(ms, 2) for kind, (ms, _) in sorted(kinds.items())},
-            "kernels_by_kind": {kind: count for kind, (_, count) in sorted(kinds.items())},
+    return {"ms_by_kind": {kind: round(ms, 2) for kind, ms in sorted(ms_by_kind.items())},
+            "kernels_by_kind": dict(sorted(kernels_by_kind.items())),
             "top": sorted(top, reverse=True)[:12]}
 
 
