@@ -5,6 +5,7 @@
     python3 benchmarks/cuda_graph_probe.py graphs 0.0      # CUDA graphs; then compare with the reference:
     python3 benchmarks/cuda_graph_probe.py compare
     python3 benchmarks/cuda_graph_probe.py compiled 0.05   # timing at the recipe's dropout
+    python3 benchmarks/cuda_graph_probe.py static 0.05 --multiple 512   # CUDA graphs, one graph per padded length
     .venv/bin/python benchmarks/cuda_graph_probe.py compiled 0.0 --tiny   # CPU smoke check
 
 At four GPUs the worker's step is CPU-bound (benchmarks/RESULTS.md): each rank launches about 4,800 GPU
@@ -13,10 +14,13 @@ operations for 2,600 tokens. CUDA graphs would replay a layer's launches at once
 non-zero so A gets gradients), 28 packed micro-batches of 16 alpaca-like sequences (padded to a multiple of 256
 tokens with a filler segment, ``cu_seqlens`` padded to 66 entries with zero-length segments, so that only the
 token count varies), bf16 autocast, and runs forward and backward on each, two micro-batches a step. MODE:
-``eager`` (no compile), ``compiled`` (``layer.compile(dynamic=True)``, as the worker does) or ``graphs`` (the
-same with ``mode="reduce-overhead"``). It prints the CPU time to launch a micro-batch and its wall time (means
+``eager`` (no compile), ``compiled`` (``layer.compile(dynamic=True)``, as the worker does), ``graphs`` (the
+same with ``mode="reduce-overhead"``) or ``static`` (``mode="reduce-overhead"`` with ``dynamic=False``: a
+compile and a CUDA graph per padded length, ``--multiple`` tokens apart; flash attention's bound stays 256). It prints the CPU time to launch a micro-batch and its wall time (means
 over micro-batches 13-28), and saves the first step's LoRA gradients to /tmp/cg_MODE_DROPOUT.pt for
-``compare``. On an H200 with torch 2.11 ``graphs`` died with a segmentation fault (RESULTS.md).
+``compare``. On an H200 with torch 2.11 ``graphs`` died with a segmentation fault (RESULTS.md); ``static`` avoids the
+dynamic shapes that ``graphs`` records under. On an H100 ``static`` stopped at the second micro-batch: the
+gradients were then graph memory (now they have their own, as under DDP); not run since.
 """
 import json
 import math
@@ -30,10 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def batches(count, per_batch, seed, cu_len):
+def batches(count, per_batch, seed, cu_len, multiple=256):
     from workers.packing import PackingCollator
     rng = random.Random(seed)
-    collate = PackingCollator(max_length=256, pad_token_id=0, pad_to_multiple_of=256)
+    collate = PackingCollator(max_length=256, pad_token_id=0, pad_to_multiple_of=multiple)
     out = []
     for _ in range(count):
         items = []
@@ -74,20 +78,25 @@ def build(tiny, dropout):
     return model, device
 
 
-def run(mode, dropout, tiny):
+def run(mode, dropout, tiny, multiple):
     model, device = build(tiny, dropout)
     layers = model.get_base_model().get_decoder().layers
     if mode != "eager":
         import torch._dynamo as dynamo
         dynamo.config.cache_size_limit = 64
-        if mode == "graphs":
+        if mode in ("graphs", "static"):
             import torch._inductor.config as ic
             ic.triton.cudagraph_unexpected_rerecord_limit = 4096
         for layer in layers:
-            layer.compile(dynamic=True, mode="reduce-overhead" if mode == "graphs" else None)
+            layer.compile(dynamic=mode != "static", mode="reduce-overhead" if mode in ("graphs", "static") else None)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    data = batches(28, 4 if tiny else 16, 0, 66)
+    for p in trainable:
+        # Gradients in memory of their own, zeroed in place, as in DDP's buckets: a backward then adds into them.
+        # With ``grad = None`` autograd keeps the first micro-batch's gradient tensor itself, which under CUDA
+        # graphs is graph memory that the next micro-batch's replay overwrites (an error on an H100, RESULTS.md).
+        p.grad = torch.zeros_like(p)
+    data = batches(28, 4 if tiny else 16, 0, 66, multiple)
     losses, launch, wall, saved = [], [], [], None
     started_all = time.monotonic()
     for i, b in enumerate(data):
@@ -95,7 +104,7 @@ def run(mode, dropout, tiny):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if mode == "graphs":
+        if mode in ("graphs", "static"):
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             out = model(**inputs)
@@ -112,9 +121,10 @@ def run(mode, dropout, tiny):
             if i == 1:
                 saved = [p.grad.detach().float().cpu().clone() for p in trainable]
             for p in trainable:
-                p.grad = None
+                p.grad.zero_()
     tokens = sum(b["input_ids"].numel() for b in data[12:]) / len(data[12:])
-    result = {"mode": mode, "dropout": dropout, "tokens_per_micro": tokens,
+    lengths = sorted({b["input_ids"].numel() for b in data})
+    result = {"mode": mode, "dropout": dropout, "tokens_per_micro": tokens, "padded_lengths": lengths,
               "launch_ms": round(1e3 * sum(launch) / len(launch), 2), "wall_ms": round(1e3 * sum(wall) / len(wall), 2),
               "first_losses": [round(x, 5) for x in losses[:4]], "all_s": round(time.monotonic() - started_all, 1),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
@@ -124,7 +134,7 @@ def run(mode, dropout, tiny):
 
 def compare():
     ref = torch.load("/tmp/cg_eager_0.0.pt", weights_only=True)
-    for mode in ("compiled", "graphs"):
+    for mode in ("compiled", "graphs", "static"):
         try:
             got = torch.load(f"/tmp/cg_{mode}_0.0.pt", weights_only=True)
         except FileNotFoundError:
@@ -139,4 +149,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "compare":
         compare()
     else:
-        run(sys.argv[1], float(sys.argv[2]), "--tiny" in sys.argv)
+        multiple = int(sys.argv[sys.argv.index("--multiple") + 1]) if "--multiple" in sys.argv else 256
+        run(sys.argv[1], float(sys.argv[2]), "--tiny" in sys.argv, multiple)

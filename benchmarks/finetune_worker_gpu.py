@@ -132,7 +132,12 @@ def main() -> int:
             f"finetune.max_steps={args.steps}", "finetune.val_set_size=16", "finetune.eval_steps=1000",
             f"finetune.logging_steps={args.logging_steps}",
             f"resources.finetune.gpus_per_node={os.environ.get('WORLD_SIZE', '1')}", *args.set])
+        done = StudyPaths(study).finetuned_dir(Pair("Llama", "best_acc")) / "finetuning_config.json"
+        if done.is_file():  # the worker would skip a finished run, and this would print its old figures
+            raise SystemExit(f"{work / f'{variant}-{args.tag}'} holds a finished run; pass another --tag or delete it")
         steady.reset()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # each variant's own peak, not the process's
         started = time.monotonic()
         finetune.run(study, Pair("Llama", "best_acc"))
         wall = time.monotonic() - started
@@ -157,9 +162,10 @@ def main() -> int:
                         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
                         if torch.cuda.is_available() else None})
         print(json.dumps(results[-1]), flush=True)
-    if len(results) == 2 and results[0]["steady_tokens_per_s"]:
+    steady_by_variant = {result["packing"]: result["steady_tokens_per_s"] for result in results}
+    if steady_by_variant.get("on") and steady_by_variant.get("off"):
         print(f"packed / padded steady real-token throughput: "
-              f"{results[1]['steady_tokens_per_s'] / results[0]['steady_tokens_per_s']:.2f}x")
+              f"{steady_by_variant['on'] / steady_by_variant['off']:.2f}x")
     return 0
 
 

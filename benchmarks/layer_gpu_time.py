@@ -16,6 +16,7 @@ Variants (each one builds its model again and compiles afresh):
 - ``default``: as the worker trains (LoRA dropout 0.05, Inductor's own random numbers);
 - ``dropout0``: LoRA dropout 0, a bound on what the dropout costs (not the recipe);
 - ``fallback_random``: Inductor leaves dropout to ATen's kernel (``torch._inductor.config.fallback_random``);
+- ``coordinate_descent``: Inductor tunes its Triton kernels' block sizes on the card (``coordinate_descent_tuning``);
 - ``eager``: no compile.
 
 It prints per variant the median milliseconds a micro-batch (and quartiles) and, with ``--profile``, the GPU
@@ -41,6 +42,7 @@ VARIANTS = {  # name: (compile layers, LoRA dropout, Inductor config)
     "default": (True, 0.05, {}),
     "dropout0": (True, 0.0, {}),
     "fallback_random": (True, 0.05, {"fallback_random": True}),
+    "coordinate_descent": (True, 0.05, {"coordinate_descent_tuning": True}),
     "eager": (False, 0.05, {}),
 }
 
