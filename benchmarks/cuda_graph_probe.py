@@ -6,21 +6,29 @@
     python3 benchmarks/cuda_graph_probe.py compare
     python3 benchmarks/cuda_graph_probe.py compiled 0.05   # timing at the recipe's dropout
     python3 benchmarks/cuda_graph_probe.py static 0.05 --multiple 512   # CUDA graphs, one graph per padded length
+    python3 benchmarks/cuda_graph_probe.py graphs 0.05 --ddp            # under DDP (one rank), as at four GPUs
+    python3 benchmarks/cuda_graph_probe.py graphs 0.0 --layers 2 --micro-batches 16   # shorter (fewer graphs)
     .venv/bin/python benchmarks/cuda_graph_probe.py compiled 0.0 --tiny   # CPU smoke check
 
 At four GPUs the worker's step is CPU-bound (benchmarks/RESULTS.md): each rank launches about 4,800 GPU
-operations for 2,600 tokens. CUDA graphs would replay a layer's launches at once. This builds 8 layers of the
-6.72B pruned Llama-3 shape (``--tiny``: 2 small layers) under peft LoRA (r 8, alpha 16, 7 targets; B drawn
-non-zero so A gets gradients), 28 packed micro-batches of 16 alpaca-like sequences (padded to a multiple of 256
-tokens with a filler segment, ``cu_seqlens`` padded to 66 entries with zero-length segments, so that only the
-token count varies), bf16 autocast, and runs forward and backward on each, two micro-batches a step. MODE:
-``eager`` (no compile), ``compiled`` (``layer.compile(dynamic=True)``, as the worker does), ``graphs`` (the
-same with ``mode="reduce-overhead"``) or ``static`` (``mode="reduce-overhead"`` with ``dynamic=False``: a
-compile and a CUDA graph per padded length, ``--multiple`` tokens apart; flash attention's bound stays 256). It prints the CPU time to launch a micro-batch and its wall time (means
-over micro-batches 13-28), and saves the first step's LoRA gradients to /tmp/cg_MODE_DROPOUT.pt for
-``compare``. On an H200 with torch 2.11 ``graphs`` died with a segmentation fault (RESULTS.md); ``static`` avoids the
-dynamic shapes that ``graphs`` records under. On an H100 ``static`` stopped at the second micro-batch: the
-gradients were then graph memory (now they have their own, as under DDP); not run since.
+operations for 2,600 tokens. CUDA graphs would replay a layer's launches at once. This builds ``--layers`` (8)
+layers of the 6.72B pruned Llama-3 shape (``--tiny``: 2 small layers) under peft LoRA (r 8, alpha 16, 7 targets;
+B drawn non-zero so A gets gradients), ``--micro-batches`` (28) packed micro-batches of 16 alpaca-like sequences
+(padded to a multiple of ``--multiple`` (256) tokens with a filler segment, ``cu_seqlens`` padded to 66 entries
+with zero-length segments, so that only the token count varies), bf16 autocast, and runs forward and backward on
+each, two micro-batches a step. ``--ddp`` wraps the model as the worker does at several GPUs (one rank here).
+
+MODE: ``eager`` (no compile), ``compiled`` (``layer.compile(dynamic=True)``, as the worker does), ``graphs``
+(the same with ``mode="reduce-overhead"``) or ``static`` (``mode="reduce-overhead"`` with ``dynamic=False``: a
+compile and a CUDA graph per padded length; flash attention's bound stays 256).
+
+It prints the CPU time to launch a micro-batch and its wall time (means over the micro-batches after the first
+12, or after the first half when there are fewer than 24), and saves the first step's LoRA gradients to
+/tmp/cg_MODE_DROPOUT.pt for ``compare``.
+
+On an H200 with torch 2.11, ``graphs`` died with a segmentation fault; on an H100, ``static`` stopped at the
+second micro-batch because the gradients were graph memory, which the next replay overwrites (RESULTS.md). The
+gradients now have memory of their own (DDP's buckets under ``--ddp``); not run on a GPU since.
 """
 import json
 import math
@@ -54,7 +62,7 @@ def batches(count, per_batch, seed, cu_len, multiple=256):
     return out
 
 
-def build(tiny, dropout):
+def build(tiny, dropout, layers=8):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -62,7 +70,7 @@ def build(tiny, dropout):
     torch.manual_seed(0)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2) if tiny else dict(hidden_size=4096, intermediate_size=11008,
-                                                          num_hidden_layers=8, num_attention_heads=32,
+                                                          num_hidden_layers=layers, num_attention_heads=32,
                                                           num_key_value_heads=8)
     cfg = LlamaConfig(vocab_size=1024, max_position_embeddings=2048, **shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,8 +86,8 @@ def build(tiny, dropout):
     return model, device
 
 
-def run(mode, dropout, tiny, multiple):
-    model, device = build(tiny, dropout)
+def run(mode, dropout, tiny, multiple, ddp=False, layer_count=8, micro_batches=28):
+    model, device = build(tiny, dropout, layer_count)
     layers = model.get_base_model().get_decoder().layers
     if mode != "eager":
         import torch._dynamo as dynamo
@@ -91,12 +99,24 @@ def run(mode, dropout, tiny, multiple):
             layer.compile(dynamic=mode != "static", mode="reduce-overhead" if mode in ("graphs", "static") else None)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        # Gradients in memory of their own, zeroed in place, as in DDP's buckets: a backward then adds into them.
-        # With ``grad = None`` autograd keeps the first micro-batch's gradient tensor itself, which under CUDA
-        # graphs is graph memory that the next micro-batch's replay overwrites (an error on an H100, RESULTS.md).
-        p.grad = torch.zeros_like(p)
-    data = batches(28, 4 if tiny else 16, 0, 66, multiple)
+    if ddp:  # the worker's wrapping at several GPUs, here with one rank: gradients live in DDP's buckets
+        import os
+
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+        model = DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None,
+                                        gradient_as_bucket_view=True, find_unused_parameters=False)
+    else:
+        for p in trainable:
+            # Gradients in memory of their own, zeroed in place, as in DDP's buckets: a backward adds into them.
+            # With ``grad = None`` autograd keeps the first micro-batch's gradient tensor itself, which under CUDA
+            # graphs is graph memory that the next micro-batch's replay overwrites (an error on an H100).
+            p.grad = torch.zeros_like(p)
+    data = batches(micro_batches, 4 if tiny else 16, 0, 66, multiple)
+    skip = min(12, micro_batches // 2)
     losses, launch, wall, saved = [], [], [], None
     started_all = time.monotonic()
     for i, b in enumerate(data):
@@ -114,17 +134,18 @@ def run(mode, dropout, tiny, multiple):
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         losses.append(out.loss.item())
-        if i >= 12:
+        if i >= skip:
             launch.append(t1 - t0)
             wall.append(t2 - t0)
         if i % 2 == 1:  # two micro-batches per step: grads accumulate, then are read and zeroed
             if i == 1:
                 saved = [p.grad.detach().float().cpu().clone() for p in trainable]
             for p in trainable:
-                p.grad.zero_()
-    tokens = sum(b["input_ids"].numel() for b in data[12:]) / len(data[12:])
+                if p.grad is not None:
+                    p.grad.zero_()
+    tokens = sum(b["input_ids"].numel() for b in data[skip:]) / len(data[skip:])
     lengths = sorted({b["input_ids"].numel() for b in data})
-    result = {"mode": mode, "dropout": dropout, "tokens_per_micro": tokens, "padded_lengths": lengths,
+    result = {"mode": mode, "dropout": dropout, "ddp": ddp, "tokens_per_micro": tokens, "padded_lengths": lengths,
               "launch_ms": round(1e3 * sum(launch) / len(launch), 2), "wall_ms": round(1e3 * sum(wall) / len(wall), 2),
               "first_losses": [round(x, 5) for x in losses[:4]], "all_s": round(time.monotonic() - started_all, 1),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
@@ -149,5 +170,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "compare":
         compare()
     else:
-        multiple = int(sys.argv[sys.argv.index("--multiple") + 1]) if "--multiple" in sys.argv else 256
-        run(sys.argv[1], float(sys.argv[2]), "--tiny" in sys.argv, multiple)
+        def option(name, default):
+            return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+        run(sys.argv[1], float(sys.argv[2]), "--tiny" in sys.argv, option("--multiple", 256), "--ddp" in sys.argv,
+            option("--layers", 8), option("--micro-batches", 28))
