@@ -29,7 +29,7 @@ from typing import Any
 
 from jobs.check_findings import OK, SKIP, STAGE_OF_WORKER, WARN, Finding, StudyFacts
 from jobs.check_slurm import format_minutes
-from jobs.throughput_figures import normalise_gpu, parse_results, pick_figure
+from jobs.throughput_figures import candidates, normalise_gpu, parse_results, pick_figure
 from jobs.config import StudyConfig
 from jobs.eval_data import EVAL_DATASETS
 from jobs.plan import Plan
@@ -278,6 +278,8 @@ def gpu_type(config: StudyConfig, kind: str, facts: StudyFacts) -> tuple[str | N
 
 def estimate(config: StudyConfig, plan: Plan, kind: str, facts: StudyFacts) -> Estimate:
     gpu, gpu_source = gpu_type(config, kind, facts)
+    # The worker's packing=auto packs on GPUs only; figures of the path it takes, not of the other
+    recipe_path = config.finetune.packing == "off" or (config.finetune.packing == "auto" and gpu == "cpu")
     notes: list[str] = []
     if RESULTS_FILE.is_file():
         figures = parse_results(RESULTS_FILE.read_text(encoding="utf-8", errors="replace"))
@@ -330,16 +332,17 @@ def estimate(config: StudyConfig, plan: Plan, kind: str, facts: StudyFacts) -> E
                 entry.notes.append(f"{pair.label}: no tokenizer.json at hand; counted at {CHARS_PER_TOKEN:g} "
                                    "characters per token")
             params_b = sizes.get(pair) / 1e9 if sizes.get(pair) else None
-            figure = pick_figure(figures, stage, gpu, params_b)
-            share = 1.0
-            if figure is None and stage == "evaluate":
-                figure, share = pick_figure(figures, "finetune", gpu, params_b), FORWARD_SHARE
+            share, figure_stage = 1.0, stage
+            choice = dict(gpus=entry.gpus_per_task, recipe=stage == "finetune" and recipe_path)
+            figure = pick_figure(figures, stage, gpu, params_b, **choice)
+            if figure is None and stage == "evaluate":  # our evaluation is forward passes on the packed path
+                share, figure_stage = FORWARD_SHARE, "finetune"
+                figure = pick_figure(figures, figure_stage, gpu, params_b, **choice)
             if figure is None:
                 continue
             seconds = work * share / (figure.tokens_per_s * entry.gpus_per_task)
             entry.seconds[pair] = seconds
-            peers = sum(1 for other in figures if (other.stage, other.gpu, other.params_b) ==
-                        (figure.stage, figure.gpu, figure.params_b))
+            peers = len(candidates(figures, figure_stage, gpu, params_b, **choice))
             cited = figure.cite() + (f" (the slowest of {peers} figures at that size)" if peers > 1 else "") + \
                 (" x 3 (forward only)" if share != 1.0 else "")
             entry.figures.setdefault(cited, {})[pair] = params_b

@@ -1,8 +1,9 @@
 """Throughput figures read from ``benchmarks/RESULTS.md`` for the cost estimate.
 
 The file is prose plus Markdown tables; a table with a tokens/s column is a figure source. Each row
-becomes a ``Figure`` (GPU type, model size, stage, tokens/s per GPU, the line it came from), and
-``pick_figure`` chooses the one for the same GPU type and the nearest model size.
+becomes a ``Figure`` (GPU type, model size, stage, tokens/s per GPU, whether it measured LLM-Pruner's recipe
+path, the line it came from), and ``pick_figure`` chooses the one for the same GPU type, the path the study
+trains on and the nearest model size.
 """
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 
 GPU_NAMES = ("gh200", "h200", "h100", "a100", "a10g", "a10", "a6000", "a40", "l40s", "l40", "l4", "v100", "t4",
              "mi300", "mi250", "4090", "3090")
+
+# A row (or its throughput column) naming LLM-Pruner's recipe path: "recipe", "packing=off", "LLM-Pruner layout"
+RECIPE = re.compile(r"\brecipe\b|packing\s*=\s*off|llm-pruner", re.IGNORECASE)
+
 
 @dataclass(frozen=True)
 class Figure:
@@ -23,6 +28,8 @@ class Figure:
     params_b: float | None
     tokens_per_s: float  # per GPU
     text: str
+    recipe: bool = False  # LLM-Pruner's padded recipe path (finetune.packing=off), not the packed default
+    gpus: float | None = None  # GPUs the run used, where the table says
 
     def cite(self) -> str:
         size = f", {self.params_b:g}B" if self.params_b else ""
@@ -132,23 +139,36 @@ def _figure(number: int, header: list[str], cells: list[str], context: str, raw:
     params = parse_size_b(cells[size_column], bare_numbers=True) if size_column is not None else None
     params = params or parse_size_b(others) or parse_size_b(context)
     count_column = column(r"^(#\s*)?gpus$|gpu count|num.*gpus|n_gpus|world")
-    if per_gpu is None and count_column is not None:
-        count = _number(cells[count_column])
-        if count and count >= 1:
-            value /= count
-    return Figure(number, stage, gpu, params, value, raw)
+    count = _number(cells[count_column]) if count_column is not None else None
+    count = count if count and count >= 1 else None
+    if per_gpu is None and count:
+        value /= count
+    return Figure(number, stage, gpu, params, value, raw, recipe=bool(RECIPE.search(f"{others} {header[throughput]}")),
+                  gpus=count)
 
 
-def pick_figure(figures: list[Figure], stage: str, gpu: str | None, params_b: float | None) -> Figure | None:
-    """The figure of this stage on this GPU type for the nearest model size; None when none applies.
+def candidates(figures: list[Figure], stage: str, gpu: str | None, params_b: float | None,
+               recipe: bool = False, gpus: int | None = None) -> list[Figure]:
+    """The figures that apply: this stage on this GPU type, at the nearest model size; none when none applies.
 
-    Several figures at that size (variants of one benchmark) give the slowest, so a time estimate errs long.
+    ``recipe``: the study trains on LLM-Pruner's padded path, several times slower than the packed one; figures
+    of the other path count only when this path has none. ``gpus``: GPUs per task; figures of runs on another
+    GPU count (per GPU, a four-GPU run is slower) count only when none other is left.
     """
     same = [figure for figure in figures if figure.stage == stage and gpu and figure.gpu == gpu]
     if not same:
-        return None
+        return []
+    same = [figure for figure in same if figure.recipe == recipe] or same
+    same = [figure for figure in same if not gpus or figure.gpus in (None, gpus)] or same
     sized = [figure for figure in same if figure.params_b]
     if params_b and sized:
         nearest = min(abs(math.log(figure.params_b / params_b)) for figure in sized)
         same = [figure for figure in sized if abs(math.log(figure.params_b / params_b)) == nearest]
-    return min(same, key=lambda figure: figure.tokens_per_s)
+    return same
+
+
+def pick_figure(figures: list[Figure], stage: str, gpu: str | None, params_b: float | None,
+                recipe: bool = False, gpus: int | None = None) -> Figure | None:
+    """The slowest of ``candidates`` (variants of one benchmark), so that a time estimate errs long; or None."""
+    return min(candidates(figures, stage, gpu, params_b, recipe, gpus), key=lambda figure: figure.tokens_per_s,
+               default=None)

@@ -2,6 +2,8 @@
 submission runs. Good and broken studies; the SLURM checks against a real local cluster (marked ``slurm``)."""
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import shutil
@@ -212,7 +214,10 @@ def test_results_parser_finds_stage_gpu_size_and_per_gpu_throughput():
     assert [(f.stage, f.gpu, f.params_b, f.tokens_per_s) for f in figures] == [
         ("finetune", "h100", 6.72, 4500.0), ("finetune", "h100", 6.72, 15000.0),
         ("evaluate", "a100", 0.5, 40000.0), ("evaluate", "a100", 8.0, 20000.0)]
-    slowest = throughput_figures.pick_figure(figures, "finetune", "h100", 7.0)
+    assert [figure.recipe for figure in figures] == [True, False, False, False]
+    # the packed path's figure for a packed study, the recipe's for a study that trains on the recipe path
+    assert throughput_figures.pick_figure(figures, "finetune", "h100", 7.0).tokens_per_s == 15000
+    slowest = throughput_figures.pick_figure(figures, "finetune", "h100", 7.0, recipe=True)
     assert slowest.tokens_per_s == 4500 and "line 9" in slowest.cite()
     assert throughput_figures.pick_figure(figures, "evaluate", "a100", 7.0).params_b == 8.0  # the nearest size
     assert throughput_figures.pick_figure(figures, "finetune", "a100", 7.0) is None  # no figure for that GPU: none applies
@@ -226,6 +231,26 @@ def test_results_parser_finds_stage_gpu_size_and_per_gpu_throughput():
     assert throughput_figures.parse_size_b("- Commit: 9b71ea5 - Model: as above") is None
     assert throughput_figures.parse_size_b("Llama-3-8B, 6.72B parameters") == 6.72
     assert throughput_figures.parse_size_b("a 135M model") == 0.135
+
+
+def test_figures_of_another_gpu_count_or_path_count_only_when_none_other_applies():
+    results = """## Finetune worker on H200s (6.72B parameters)
+
+| run | GPUs | tok/s | per GPU |
+|---|---|---|---|
+| ours | 1 | 18,000 | 18,000 |
+| ours | 4 | 48,000 | 12,000 |
+| LLM-Pruner layout, `packing=off` | 1 | 2,500 | 2,500 |
+"""
+    figures = throughput_figures.parse_results(results)
+    assert [(figure.tokens_per_s, figure.gpus, figure.recipe) for figure in figures] == [
+        (18000, 1, False), (12000, 4, False), (2500, 1, True)]
+    pick = functools.partial(throughput_figures.pick_figure, figures, "finetune", "h200", 6.7)
+    assert pick(gpus=1).tokens_per_s == 18000  # not the four-GPU run's slower share
+    assert pick(gpus=4).tokens_per_s == 12000
+    assert pick(gpus=2).tokens_per_s == 12000  # no two-GPU figure: the slowest of the others
+    assert pick(gpus=4, recipe=True).tokens_per_s == 2500  # no four-GPU recipe figure: the recipe's one-GPU figure
+    assert len(throughput_figures.candidates(figures, "finetune", "h200", 6.7, gpus=2)) == 2
 
 
 def test_the_repositorys_own_results_file_parses():
@@ -263,7 +288,7 @@ def test_estimate_warns_when_a_stage_does_not_fit_its_time(tmp_path, tokenizer_d
     warning = next(f for f in estimate.findings if f.check == "time limit" and "finetune" in f.detail)
     assert warning.status == "warn" and "raise resources.finetune.time_min" in warning.fix
     text = cost.render_estimate(estimate)
-    assert "line 9" in text and "NO" in text
+    assert "line 10" in text and "NO" in text  # the packed path's figure: the study packs on GPUs
     evaluate = next(f for f in estimate.findings if f.check == "time limit" and "evaluate" in f.detail)
     assert evaluate.status in ("skip", "ok", "warn")
 
