@@ -107,6 +107,10 @@ def test_collator_restarts_positions_and_masks_sequence_starts():
     assert batch["target_positions"].tolist() == [0, 1, 3]  # position t predicts label t + 1
     with pytest.raises(ValueError, match="max_length"):
         PackingCollator(max_length=2)([{"input_ids": [1, 2, 3]}])
+    # filler longer than max_length comes in pieces the attention kernel's bound covers
+    batch = PackingCollator(max_length=4, pad_to_multiple_of=8)([{"input_ids": [5, 6, 7]}])
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 7, 8]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
 
 
 def test_packed_loss_and_lora_grads_match_padded(tokenizer, items):

@@ -51,8 +51,9 @@ class PackingCollator:
 
     ``max_length`` is the largest sequence length the attention kernel must expect; passing a fixed
     bound (the cutoff length) instead of each batch's own maximum keeps compiled code from
-    recompiling for every new maximum. ``pad_to_multiple_of`` appends one filler segment of
-    ``pad_token_id`` with no targets (its own attention segment), for callers that want aligned shapes.
+    recompiling for every new maximum. ``pad_to_multiple_of`` appends filler of ``pad_token_id`` with
+    no targets, in segments of at most ``max_length`` tokens of their own, for callers that want aligned
+    shapes.
     """
 
     max_length: int = 256
@@ -78,12 +79,14 @@ class PackingCollator:
             labels += item_labels
             positions += range(len(ids))
             bounds.append(bounds[-1] + len(ids))
-        if self.pad_to_multiple_of and len(input_ids) % self.pad_to_multiple_of:
-            filler = self.pad_to_multiple_of - len(input_ids) % self.pad_to_multiple_of
-            input_ids += [self.pad_token_id] * filler
-            labels += [IGNORE_INDEX] * filler
-            positions += range(filler)
-            bounds.append(bounds[-1] + filler)
+        filler = -len(input_ids) % self.pad_to_multiple_of if self.pad_to_multiple_of else 0
+        while filler:  # the attention kernel is told no segment is longer than max_length
+            piece = min(filler, self.max_length)
+            input_ids += [self.pad_token_id] * piece
+            labels += [IGNORE_INDEX] * piece
+            positions += range(piece)
+            bounds.append(bounds[-1] + piece)
+            filler -= piece
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
         batch = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
