@@ -17,6 +17,9 @@ Variants (each one builds its model again and compiles afresh):
 - ``dropout0``: LoRA dropout 0, a bound on what the dropout costs (not the recipe);
 - ``fallback_random``: Inductor leaves dropout to ATen's kernel (``torch._inductor.config.fallback_random``);
 - ``coordinate_descent``: Inductor tunes its Triton kernels' block sizes on the card (``coordinate_descent_tuning``);
+- ``graphs``: the layers compiled with ``mode="reduce-overhead"``: their kernels replay as CUDA graphs, without
+  the launch gaps (the GPU idled about 8% of the default's time on an H100, RESULTS.md); gradients zeroed in
+  place, so that they are not graph memory;
 - ``eager``: no compile.
 
 It prints per variant the median milliseconds a micro-batch (and quartiles) and, with ``--profile``, the GPU
@@ -38,20 +41,33 @@ import torch._inductor.config  # the Inductor options some variants set
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = {  # name: (compile layers, LoRA dropout, Inductor config)
+VARIANTS = {  # name: (compile layers: False, True or "graphs", LoRA dropout, Inductor config)
     "default": (True, 0.05, {}),
     "dropout0": (True, 0.0, {}),
     "fallback_random": (True, 0.05, {"fallback_random": True}),
     "coordinate_descent": (True, 0.05, {"coordinate_descent_tuning": True}),
+    "graphs": ("graphs", 0.05, {}),
     "eager": (False, 0.05, {}),
 }
 
 
-def build(width: int, layers: int, dropout: float, compiled: bool, device: torch.device) -> torch.nn.Module:
+def build(width: int, layers: int, dropout: float, compiled: bool | str, device: torch.device) -> torch.nn.Module:
     from host_work import build as packed_model
 
-    return packed_model(True, True, compiled, width, layers, heads=max(1, width // 128), dropout=dropout,
-                        device=device, dtype=torch.bfloat16)[0]
+    from workers.packed_model import causal_lm, one_graph_for_all_layers
+
+    model = packed_model(True, True, compiled is True, width, layers, heads=max(1, width // 128), dropout=dropout,
+                         device=device, dtype=torch.bfloat16)[0]
+    if compiled == "graphs":
+        lm = causal_lm(model)
+        one_graph_for_all_layers(lm)
+        for layer in lm.get_decoder().layers:
+            layer.compile(dynamic=True, mode="reduce-overhead")
+        for param in model.parameters():
+            if param.requires_grad:
+                param.grad = torch.zeros_like(param)
+        model._zero_in_place = True
+    return model
 
 
 def micro_batch(tokens: int, device: torch.device) -> dict:
@@ -62,10 +78,13 @@ def micro_batch(tokens: int, device: torch.device) -> dict:
 
 
 def forward_backward(model: torch.nn.Module, batch: dict, device: torch.device) -> None:
+    in_place = getattr(model, "_zero_in_place", False)
+    if in_place:
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = model(**batch).loss
     loss.backward()
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=not in_place)
 
 
 def timed(model: torch.nn.Module, batch: dict, device: torch.device, repeats: int) -> list[float]:
