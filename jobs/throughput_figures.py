@@ -1,9 +1,9 @@
 """Throughput figures read from ``benchmarks/RESULTS.md`` for the cost estimate.
 
 The file is prose plus Markdown tables; a table with a tokens/s column is a figure source. Each row
-becomes a ``Figure`` (GPU type, model size, stage, tokens/s per GPU, whether it measured LLM-Pruner's recipe
-path, the line it came from), and ``pick_figure`` chooses the one for the same GPU type, the path the study
-trains on and the nearest model size.
+becomes a ``Figure`` (GPU type, model size, stage, tokens/s per GPU, GPU count, whether it measured
+LLM-Pruner's recipe path, the line it came from), and ``pick_figure`` chooses the one for the same GPU type,
+the path the study trains on, its GPUs per task and the nearest model size.
 """
 from __future__ import annotations
 
