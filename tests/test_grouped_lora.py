@@ -178,6 +178,7 @@ def test_compiled_layers_trace_the_grouped_forward_whole(join_base):
     reference = lora_model("qwen2")
     grouped = copy.deepcopy(reference)
     group_lora_projections(grouped, join_base=join_base)
+    torch._dynamo.reset()  # earlier tests' compiles of the same layer code count against the recompile limit
     for layer in grouped.base_model.model.model.layers:
         layer.compile(backend="aot_eager", fullgraph=True, dynamic=True)
     assert_same(loss_and_grads(grouped), loss_and_grads(reference))
