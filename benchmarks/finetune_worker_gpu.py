@@ -85,6 +85,9 @@ def main() -> int:
                              "(e.g. finetune.lora_dropout=0)")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config.KEY (a Python literal) before the runs, for an A/B")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="count the operations that make the CPU wait for the GPU (CUDA only), by phase and call "
+                             "site: a wait inside the steps leaves the GPU idle while the CPU launches the next work")
     parser.add_argument("--tag", default="run", help="results go to <work>/<packing>-<tag>: one tag per run to compare")
     args = parser.parse_args()
 
@@ -112,9 +115,15 @@ def main() -> int:
         key, _, value = setting.partition("=")
         setattr(inductor_config, key, ast.literal_eval(value))
     steady = StepClock(args.skip, args.block)
-    finetune.LogLines.on_step_end = steady.on_step_end  # plain callback hooks the worker's LogLines leaves unused
     finetune.LogLines.on_save = steady.on_save
     begin_hooks = [steady.on_step_begin]
+    end_hooks = [steady.on_step_end]
+    syncs = SyncSites() if args.sync_debug and torch.cuda.is_available() else None
+    if args.sync_debug and not syncs:
+        print("--sync-debug: no CUDA device, nothing to count", flush=True)
+    if syncs:
+        begin_hooks.append(syncs.on_step_begin)
+        end_hooks.append(syncs.on_step_end)
     if args.profile_step and rank == 0:
         begin_hooks.append(StepProfile(args.profile_step, args.trace).on_step_begin)
 
@@ -122,7 +131,13 @@ def main() -> int:
         for hook in begin_hooks:
             hook(args, state, control, **kwargs)
 
+    def on_step_end(args, state, control, **kwargs) -> None:
+        for hook in end_hooks:
+            hook(args, state, control, **kwargs)
+
+    # plain callback hooks the worker's LogLines leaves unused
     finetune.LogLines.on_step_begin = staticmethod(on_step_begin)
+    finetune.LogLines.on_step_end = staticmethod(on_step_end)
     results = []
     for variant in args.variants.split(","):
         study = load_config(None, [
@@ -136,11 +151,15 @@ def main() -> int:
         if done.is_file():  # the worker would skip a finished run, and this would print its old figures
             raise SystemExit(f"{work / f'{variant}-{args.tag}'} holds a finished run; pass another --tag or delete it")
         steady.reset()
+        if syncs:
+            syncs.start()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # each variant's own peak, not the process's
         started = time.monotonic()
         finetune.run(study, Pair("Llama", "best_acc"))
         wall = time.monotonic() - started
+        if syncs:
+            syncs.report(variant)
         if rank:
             continue
         record = json.loads((StudyPaths(study).finetuned_dir(Pair("Llama", "best_acc")) /
@@ -169,6 +188,59 @@ def main() -> int:
     return 0
 
 
+class SyncSites:
+    """Synchronizing CUDA operations (``torch.cuda.set_sync_debug_mode``), counted by phase (before the first
+    step, in the steps, after the last) and call site (the innermost Python frames). Explicit
+    ``torch.cuda.synchronize`` calls, such as StepClock's, are not counted."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self.counts: collections.Counter = collections.Counter()
+        self.phase = "setup"
+        self.shown = None  # the showwarning this replaces while counting
+
+    def start(self) -> None:
+        import warnings
+
+        import torch
+
+        self.counts.clear()
+        self.phase = "setup"
+        torch.cuda.set_sync_debug_mode("warn")
+        warnings.simplefilter("always")  # each occurrence, not once per call site
+        self.shown = warnings.showwarning
+        warnings.showwarning = self.show
+
+    def show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchronizing" not in str(message):
+            return self.shown(message, category, filename, lineno, file, line)
+        import traceback
+
+        frames = [frame for frame in traceback.extract_stack()[:-1] if "warnings" not in frame.filename][-4:]
+        self.counts[self.phase, " < ".join(f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno} "
+                                           f"{frame.name}" for frame in reversed(frames))] += 1
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self.phase = "steps"
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if state.global_step >= state.max_steps:
+            self.phase = "after"
+
+    def report(self, variant: str) -> None:
+        import warnings
+
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self.shown
+        by_phase = {phase: sum(n for (p, _), n in self.counts.items() if p == phase)
+                    for phase in ("setup", "steps", "after")}
+        top = [[phase, site, n] for (phase, site), n in self.counts.most_common()][:12]
+        print(json.dumps({"packing": variant, "syncs_by_phase": by_phase, "top_sites": top}), flush=True)
+
+
 class StepClock:
     """Wall time from the end of step ``skip`` to the end of the last step, for a throughput without compile.
 
@@ -189,7 +261,7 @@ class StepClock:
         if self.first_started is None:
             self.first_started = _synchronized_now()
 
-    def on_step_end(self, args, state, control, **kwargs) -> None:  # bound as LogLines.on_step_end
+    def on_step_end(self, args, state, control, **kwargs) -> None:  # called from LogLines.on_step_end
         if self.first_step_s is None and self.first_started is not None:
             self.first_step_s = round(_synchronized_now() - self.first_started, 1)
         ends_window = state.global_step in (self.skip, state.max_steps) or (
