@@ -4,6 +4,9 @@ The file is prose plus Markdown tables; a table with a tokens/s column is a figu
 becomes a ``Figure`` (GPU type, model size, stage, tokens/s per GPU, GPU count, whether it measured
 LLM-Pruner's recipe path, the line it came from), and ``pick_figure`` chooses the one for the same GPU type,
 the path the study trains on, its GPUs per task and the nearest model size.
+
+A table measured at settings no study trains with (a diagnostic: an unusual micro-batch size, an experimental
+option) is left out when the text before it says ``not a cost figure``.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ GPU_NAMES = ("gh200", "h200", "h100", "a100", "a10g", "a10", "a6000", "a40", "l4
 
 # A row (or its throughput column) naming LLM-Pruner's recipe path: "recipe", "packing=off", "LLM-Pruner layout"
 RECIPE = re.compile(r"\brecipe\b|packing\s*=\s*off|llm-pruner", re.IGNORECASE)
+NOT_A_COST_FIGURE = re.compile(r"not\s+a\s+cost\s+figure", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -92,15 +96,20 @@ def parse_results(text: str) -> list[Figure]:
     figures: list[Figure] = []
     context = ""
     header: list[str] | None = None
+    excluded = False  # the next table is a diagnostic, not a cost figure
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if stripped.startswith("#"):
-            context, header = stripped, None
+            context, header, excluded = stripped, None, False
             continue
         if not stripped.startswith("|"):
             if header is not None:  # a table ended: its context ends with it
-                header = None
+                header, excluded = None, False
             context += " " + stripped
+            excluded = excluded or bool(NOT_A_COST_FIGURE.search(stripped))
+            continue
+        if excluded:
+            header = []  # inside the left-out table: where it ends, the next table counts again
             continue
         cells = [cell.strip() for cell in stripped.strip("|").split("|")]
         if header is None:

@@ -253,6 +253,26 @@ def test_figures_of_another_gpu_count_or_path_count_only_when_none_other_applies
     assert len(throughput_figures.candidates(figures, "finetune", "h200", 6.7, gpus=2)) == 2
 
 
+def test_a_table_marked_as_not_a_cost_figure_is_left_out():
+    results = """## Diagnostics on an H100 (6.72B parameters)
+
+A stand-in for one rank of four, at micro-batches no study uses (not a cost figure):
+
+| run | tok/s |
+|---|---|
+| packed, 2,816 tokens a micro-batch | 7,770 |
+
+The worker at its defaults:
+
+| run | tok/s |
+|---|---|
+| packed LoRA finetune | 15,186 |
+"""
+    figures = throughput_figures.parse_results(results)
+    assert [(figure.tokens_per_s, figure.line) for figure in figures] == [(15186, 13)]
+    assert throughput_figures.pick_figure(figures, "finetune", "h100", 6.7).tokens_per_s == 15186
+
+
 def test_the_repositorys_own_results_file_parses():
     text = (REPO / "benchmarks" / "RESULTS.md").read_text()
     figures = throughput_figures.parse_results(text)
