@@ -238,7 +238,8 @@ class SyncSites:
         by_phase = {phase: sum(n for (p, _), n in self.counts.items() if p == phase)
                     for phase in ("setup", "steps", "after")}
         top = [[phase, site, n] for (phase, site), n in self.counts.most_common()][:12]
-        print(json.dumps({"packing": variant, "syncs_by_phase": by_phase, "top_sites": top}), flush=True)
+        print(json.dumps({"packing": variant, "rank": int(os.environ.get("RANK", "0")), "syncs_by_phase": by_phase,
+                          "top_sites": top}), flush=True)
 
 
 class StepClock:
