@@ -96,7 +96,7 @@ def parse_results(text: str) -> list[Figure]:
     figures: list[Figure] = []
     context = ""
     header: list[str] | None = None
-    excluded = False  # the next table is a diagnostic, not a cost figure
+    excluded = False  # the table the text leads to is a diagnostic, not a cost figure
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if stripped.startswith("#"):
@@ -108,16 +108,13 @@ def parse_results(text: str) -> list[Figure]:
             context += " " + stripped
             excluded = excluded or bool(NOT_A_COST_FIGURE.search(stripped))
             continue
-        if excluded:
-            header = []  # inside the left-out table: where it ends, the next table counts again
-            continue
         cells = [cell.strip() for cell in stripped.strip("|").split("|")]
         if header is None:
             header = [cell.lower() for cell in cells]
             continue
         if all(re.fullmatch(r":?-+:?", cell) for cell in cells if cell):
             continue
-        figure = _figure(number, header, cells, context, stripped)
+        figure = None if excluded else _figure(number, header, cells, context, stripped)
         if figure:
             figures.append(figure)
     return figures

@@ -3,7 +3,6 @@ submission runs. Good and broken studies; the SLURM checks against a real local 
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 import shutil
