@@ -19,8 +19,11 @@ with zero-length segments, so that only the token count varies), bf16 autocast, 
 each, two micro-batches a step. ``--ddp`` wraps the model as the worker does at several GPUs (one rank here).
 
 MODE: ``eager`` (no compile), ``compiled`` (``layer.compile(dynamic=True)``, as the worker does), ``graphs``
-(the same with ``mode="reduce-overhead"``) or ``static`` (``mode="reduce-overhead"`` with ``dynamic=False``: a
-compile and a CUDA graph per padded length; flash attention's bound stays 256).
+(the same with ``mode="reduce-overhead"``), ``static`` (``mode="reduce-overhead"`` with ``dynamic=False``: a
+compile and a CUDA graph per padded length; flash attention's bound stays 256) or ``captured`` (the compiled
+layers, and each micro-batch's forward, loss and backward captured whole as one CUDA graph per padded length:
+``workers/captured_steps.py``, the worker's ``finetune.cuda_graphs=on``; micro-batches that capture are left
+out of the means). The worker ran that class on an H100 (RESULTS.md); this probe's ``captured`` mode has not run.
 
 It prints the CPU time to launch a micro-batch and its wall time (means over the micro-batches after the first
 12, or after the first half when there are fewer than 24), and saves the first step's LoRA gradients to
@@ -90,6 +93,8 @@ def build(tiny, dropout, layers=8):
 def run(mode, dropout, tiny, multiple, ddp=False, layer_count=8, micro_batches=28):
     model, device = build(tiny, dropout, layer_count)
     layers = model.get_base_model().get_decoder().layers
+    if mode == "captured" and (device != "cuda" or ddp):
+        raise SystemExit("captured needs a CUDA device and no --ddp")
     if mode != "eager":
         import torch._dynamo as dynamo
         dynamo.config.cache_size_limit = 64
@@ -119,23 +124,44 @@ def run(mode, dropout, tiny, multiple, ddp=False, layer_count=8, micro_batches=2
     data = batches(micro_batches, 4 if tiny else 16, 0, 66, multiple)
     skip = min(12, micro_batches // 2)
     losses, launch, wall, saved = [], [], [], None
+    captures = 0
+    micro_batch = None
+    if mode == "captured":  # the worker's finetune.cuda_graphs=on, without the Trainer
+        from workers.captured_steps import CapturedMicroBatches, FlatGradients
+
+        def loss_fn(inputs):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(**inputs).loss
+
+        micro_batch = CapturedMicroBatches(loss_fn, FlatGradients(trainable), model.get_base_model()._prunetune_loss,
+                                           capture=True)
     started_all = time.monotonic()
     for i, b in enumerate(data):
         inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+        if micro_batch is not None:  # a fixed-shape loss: scaled by a device tensor, over every position
+            inputs["num_items_in_batch"] = torch.tensor(b["target_positions"].numel(), device=device)
+            inputs.pop("target_positions")
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if mode in ("graphs", "static"):
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            out = model(**inputs)
-        out.loss.backward()
+        if micro_batch is not None:
+            captured = inputs["input_ids"].shape[1] not in micro_batch.graphs
+            captures += captured
+            loss = micro_batch(inputs)
+        else:
+            captured = False
+            if mode in ("graphs", "static"):
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                out = model(**inputs)
+            out.loss.backward()
+            loss = out.loss
         t1 = time.perf_counter()
         if device == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        losses.append(out.loss.item())
-        if i >= skip:
+        losses.append(loss.item())
+        if i >= skip and not captured:
             launch.append(t1 - t0)
             wall.append(t2 - t0)
         if i % 2 == 1:  # two micro-batches per step: grads accumulate, then are read and zeroed
@@ -149,6 +175,7 @@ def run(mode, dropout, tiny, multiple, ddp=False, layer_count=8, micro_batches=2
     result = {"mode": mode, "dropout": dropout, "ddp": ddp, "tokens_per_micro": tokens, "padded_lengths": lengths,
               "launch_ms": round(1e3 * sum(launch) / len(launch), 2), "wall_ms": round(1e3 * sum(wall) / len(wall), 2),
               "first_losses": [round(x, 5) for x in losses[:4]], "all_s": round(time.monotonic() - started_all, 1),
+              "timed_micro_batches": len(wall), "captures": captures,
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None}
     print(json.dumps(result), flush=True)
     torch.save({"grads": saved, "losses": losses}, f"/tmp/cg_{mode}_{dropout}.pt")
@@ -156,7 +183,7 @@ def run(mode, dropout, tiny, multiple, ddp=False, layer_count=8, micro_batches=2
 
 def compare():
     ref = torch.load("/tmp/cg_eager_0.0.pt", weights_only=True)
-    for mode in ("compiled", "graphs", "static"):
+    for mode in ("compiled", "graphs", "static", "captured"):
         try:
             got = torch.load(f"/tmp/cg_{mode}_0.0.pt", weights_only=True)
         except FileNotFoundError:

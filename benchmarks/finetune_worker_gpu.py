@@ -68,7 +68,8 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=10,
                         help="also time each block of this many steady steps (block_ms_per_step): a steady run?")
     parser.add_argument("--profile-step", type=int, default=0,
-                        help="profile this optimizer step on rank 0: GPU busy time, waits for the GPU, top CPU ops")
+                        help="profile this optimizer step on rank 0: GPU busy time, waits for the GPU, top CPU ops, "
+                             "CPU time by part of the step")
     parser.add_argument("--trace", help="with --profile-step: also write the step's chrome trace here (.json.gz)")
     parser.add_argument("--logging-steps", type=int, default=10,
                         help="finetune.logging_steps (the worker's default, 10; each log line waits for the GPU)")
@@ -125,6 +126,7 @@ def main() -> int:
         begin_hooks.append(syncs.on_step_begin)
         end_hooks.append(syncs.on_step_end)
     if args.profile_step and rank == 0:
+        label_regions()
         begin_hooks.append(StepProfile(args.profile_step, args.trace).on_step_begin)
 
     def on_step_begin(args, state, control, **kwargs) -> None:
@@ -178,6 +180,7 @@ def main() -> int:
                         "rows_per_step": record["derived"]["packed_rows_per_rank_and_step"],
                         "grouped_joined": [(record["derived"]["packed_model"] or {}).get(key) for key in
                                            ("grouped_lora_modules", "joined_base_modules")],
+                        "cuda_graphs": metrics.get("cuda_graphs"),  # finetune.cuda_graphs=on: graphs, capture s
                         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
                         if torch.cuda.is_available() else None})
         print(json.dumps(results[-1]), flush=True)
@@ -289,6 +292,44 @@ class StepClock:
                 for (start_step, start), (end_step, end) in zip(self.times, self.times[1:])]
 
 
+REGION = "region: "  # the prefix of label_regions' profiler labels
+
+
+def label_regions() -> None:
+    """Wrap the parts of a Trainer step in profiler labels, so that a profiled step splits into them.
+
+    Each label's CPU time includes what it calls; ``backward`` includes the wait for autograd's device thread.
+    Labels cost a few microseconds a call; they do not change the work. Only benchmarks call this.
+    """
+    import functools
+
+    import torch
+    from accelerate import Accelerator
+    from transformers import Trainer
+    from transformers.models.llama.modeling_llama import LlamaModel
+    from transformers.trainer_callback import CallbackHandler
+
+    from workers import packed_model
+
+    def labelled(function, label):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            with torch.profiler.record_function(REGION + label):
+                return function(*args, **kwargs)
+        return wrapper
+
+    for owner, name, label in [
+            (Trainer, "get_batch_samples", "fetch a step's micro-batches"), (Trainer, "training_step", "micro-batch"),
+            (Trainer, "_prepare_inputs", "inputs to the device"), (Trainer, "compute_loss", "forward and loss"),
+            (LlamaModel, "forward", "decoder forward"), (packed_model, "linear_cross_entropy", "head and loss"),
+            (Accelerator, "backward", "backward"), (Trainer, "floating_point_ops", "FLOP count"),
+            (Trainer, "_track_num_input_tokens", "token count"), (Trainer, "_clip_grad_norm", "clip gradients"),
+            (Trainer, "_maybe_log_save_evaluate", "log, save, evaluate"),
+            (CallbackHandler, "call_event", "callbacks"), (torch.nn.Module, "zero_grad", "zero_grad")]:
+        if hasattr(owner, name):
+            setattr(owner, name, labelled(getattr(owner, name), label))
+
+
 class StepProfile:
     """torch.profiler over one optimizer step (its micro-batches and the optimizer step), printed as one line."""
 
@@ -325,9 +366,13 @@ class StepProfile:
         waits = {e.key: e.count for e in events if "Synchronize" in e.key or "cudaMemcpy" in e.key
                  or e.key in ("aten::item", "aten::_local_scalar_dense")}
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        # inclusive CPU time of label_regions' labels and of the compiled layers' wrappers: [calls, ms]
+        parts = {e.key.removeprefix(REGION)[:60]: [e.count, round(e.cpu_time_total / 1e3, 1)] for e in events
+                 if e.device_type.name == "CPU" and (e.key.startswith((REGION, "Torch-Compiled Region", "Optimizer."))
+                                                     or "CompiledFunction" in e.key or "Cache Lookup" in e.key)}
         print(json.dumps({"profiled_step": self.step, "wall_s": round(wall, 3), "gpu_kernels_s": round(kernels, 3),
                           "waits": waits, "top_cpu_ms": {e.key[:60]: round(e.self_cpu_time_total / 1e3, 1)
-                                                         for e in top}}), flush=True)
+                                                         for e in top}, "inclusive_cpu": parts}), flush=True)
         self.profiler = None
 
 

@@ -99,6 +99,12 @@ class FinetuneSettings:
     # Changes speed, not the recipe: a checkpoint resumes whatever this says. Needs packing (auto or on); never
     # under ZeRO-3 (zero3, zero3_offload), whose hooks gather each module's parameters as it runs.
     compile: str = "auto"
+    # Each training micro-batch (forward, loss, backward) as one CUDA graph: its thousands of kernels launch at
+    # once, for small micro-batches (several GPUs), where launching them one by one bounds a step. Micro-batches
+    # are padded to a multiple of cutoff_len tokens with a filler that has no targets (one graph per padded
+    # length). Same recipe and loss. Needs packing and finetune.deepspeed=none (DeepSpeed's hooks cannot replay);
+    # several ranks average their gradients once per step, as DDP does. off: never.
+    cuda_graphs: str = "off"
     # DeepSpeed ZeRO config from configs/deepspeed/ (zero2, zero3, zero3_offload) or none. auto: zero2 on GPUs or
     # with several ranks, none for one CPU process (nothing to shard; DeepSpeed would only slow the demo's start).
     deepspeed: str = "auto"
@@ -189,6 +195,7 @@ CHOICES = {
     "finetune.prompt_template": ("alpaca",),
     "finetune.packing": ("auto", "on", "off"),
     "finetune.compile": ("auto", "on", "off"),
+    "finetune.cuda_graphs": ("off", "on"),
     "data.eval_source": ("local_files", "hub_mirror", "hf_cache"),
     "evaluate.backend": ("prunetune", "hf"),
     "finetune.deepspeed": DEEPSPEED_CHOICES,
@@ -386,6 +393,11 @@ def _check_semantics(config: StudyConfig) -> list[str]:
     if tune.compile == "on" and tune.packing == "off":
         problems.append("finetune.compile is on but finetune.packing is off: only the packed path is compiled "
                         "(the recipe path runs as LLM-Pruner's); set finetune.packing=on, or finetune.compile=auto")
+    if tune.cuda_graphs == "on" and (tune.packing == "off" or tune.deepspeed != "none"):
+        problems.append(f"finetune.cuda_graphs is on but finetune.packing is {tune.packing} and finetune.deepspeed is "
+                        f"{tune.deepspeed}: CUDA graphs replay the packed path's micro-batches, and DeepSpeed's hooks "
+                        "cannot be replayed; set finetune.packing=auto and finetune.deepspeed=none, or "
+                        "finetune.cuda_graphs=off")
     if not 0 <= tune.lora_dropout < 1:
         problems.append(f"finetune.lora_dropout: must be in [0, 1), got {tune.lora_dropout}")
     if tune.learning_rate <= 0 or tune.num_epochs <= 0:

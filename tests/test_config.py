@@ -64,6 +64,14 @@ def test_compile_needs_the_packed_path():
         load_config(None, ["finetune.compile=on", "finetune.deepspeed=zero3_offload"])
 
 
+def test_cuda_graphs_need_the_packed_path_without_deepspeed():
+    for wrong in (["finetune.packing=off", "finetune.deepspeed=none"], ["finetune.deepspeed=auto"],
+                  ["finetune.deepspeed=zero2"]):
+        with pytest.raises(ConfigError, match="finetune.cuda_graphs is on but finetune.packing is"):
+            load_config(None, ["finetune.cuda_graphs=on", *wrong])
+    assert load_config(None, ["finetune.cuda_graphs=on", "finetune.deepspeed=none"]).finetune.cuda_graphs == "on"
+
+
 def test_results_root_placeholder_in_data_paths():
     config = load_config(None, ["study.results_root=/tmp/x", "data.train_path={results_root}/a.json"])
     assert config.data.train_path == "/tmp/x/a.json"

@@ -202,6 +202,23 @@ def test_compiled_packed_path_trains_as_the_eager_one(tmp_path):
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)
 
 
+def test_cuda_graphs_layout_trains_as_the_packed_path(tmp_path):
+    """finetune.cuda_graphs=on: micro-batches padded to a multiple of the cutoff and a fixed segment count, the loss
+    over every position, gradients in one flat buffer zeroed in place (on the CPU nothing is captured). With dropout
+    off (padding changes how many random numbers it draws) the losses are the packed path's."""
+    losses = {}
+    for graphs in ("off", "on"):
+        config = tiny_study(tmp_path / graphs, "finetune.packing=on", "finetune.packing_max_tokens=256",
+                            "finetune.lora_dropout=0", "finetune.deepspeed=none", f"finetune.cuda_graphs={graphs}")
+        finetune.run(config, PAIR)
+        metrics = json.loads((StudyPaths(config).finetuned_dir(PAIR) / "finetuning_config.json").read_text())["metrics"]
+        losses[graphs] = (metrics["first_train_loss"], metrics["last_train_loss"], metrics["last_eval_loss"])
+        assert ("cuda_graphs" in metrics) == (graphs == "on")
+    assert metrics["cuda_graphs"]["graphs"] >= 2  # padded lengths seen; on the CPU none is captured
+    assert losses["on"][1] < losses["on"][0]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
 def test_zero3_packed_path_trains_uncompiled_and_ungrouped(tmp_path):
     """ZeRO-3 gathers each module's parameters as it runs: the packed path trains there with neither LoRA groups
     nor compiled layers (which would trace the gathering hooks). In a child process, because DeepSpeed's process

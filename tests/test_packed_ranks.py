@@ -2,6 +2,7 @@
 
 Two ranks split each optimizer step's sequences by tokens and average their gradients; one process takes the
 same steps with twice the micro-batches. The adapters must agree, and both ranks must hold the same weights.
+The same with finetune.cuda_graphs=on's layout and gradient averaging.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from jobs.study import StudyPaths
 from tests.two_ranks import PAIR, REPO, finetune_in_one_process, run_two_ranks, two_rank_study
 
 
-@pytest.fixture(scope="module")
-def packed_ranks(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["off", "on"], ids=["ddp", "cuda-graphs-layout"])
+def packed_ranks(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """``cuda-graphs-layout``: finetune.cuda_graphs=on, whose ranks call the model past DDP and average the flat
+    gradient buffer themselves (on the CPU its fixed-shape micro-batches run eagerly, nothing is captured)."""
     root = tmp_path_factory.mktemp("packed_ddp")
     overrides = two_rank_study(root, "finetune.packing=on", "finetune.packing_max_tokens=256",
-                               "finetune.deepspeed=none")
+                               "finetune.deepspeed=none", f"finetune.cuda_graphs={request.param}")
     run_two_ranks(root, Path(__file__))
     return load_config(None, overrides), root
 

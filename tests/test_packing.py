@@ -113,6 +113,17 @@ def test_collator_restarts_positions_and_masks_sequence_starts():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
 
 
+def test_collator_pads_to_fixed_shapes_for_cuda_graphs():
+    """Filler up to the multiple, in segments no longer than max_length; empty segments up to a fixed count."""
+    batch = PackingCollator(max_length=4, pad_to_multiple_of=8, segments=5)([{"input_ids": [5, 6, 7]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0, 0, 0, 0]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 7, 8, 8, 8]  # 4 + 1 filler tokens, then 2 empty segments
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7] + [-100] * 5]
+    with pytest.raises(ValueError, match="segments=1"):
+        PackingCollator(max_length=4, segments=1)([{"input_ids": [1]}, {"input_ids": [2]}])
+
+
 def test_packed_loss_and_lora_grads_match_padded(tokenizer, items):
     """Same 5 sequences, recipe-style 2 padded micro-batches vs 2 packed ones split differently."""
     padded_model = lora_model(len(tokenizer))
@@ -208,19 +219,21 @@ def test_no_attention_across_sequences(tokenizer, items):
     torch.testing.assert_close(base[third], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_cross_entropy_matches_reference():
+@pytest.mark.parametrize("all_positions", [False, True], ids=["target-positions", "all-positions"])
+def test_linear_cross_entropy_matches_reference(all_positions):
     torch.manual_seed(1)
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     weight = torch.randn(50, 16)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :4] = IGNORE_INDEX
-    loss, count = linear_cross_entropy(hidden, weight, labels, scale=0.25, chunk_size=3)
+    labels[1, 6] = IGNORE_INDEX
+    loss, count = linear_cross_entropy(hidden, weight, labels, scale=0.25, chunk_size=3, all_positions=all_positions)
     loss.backward()
     ref_hidden = hidden.detach().clone().requires_grad_()
     logits = ref_hidden[:, :-1] @ weight.t()
     ref = F.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum") * 0.25
     ref.backward()
-    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert count == (16 if all_positions else int((labels[:, 1:] != IGNORE_INDEX).sum()))
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
     torch.testing.assert_close(hidden.grad, ref_hidden.grad)
 

@@ -267,6 +267,9 @@ def _finetune(config: StudyConfig, pair: Pair, out_dir: Path, run_info: distribu
         "train_tokens": train_tokens,
         "train_tokens_per_s": attempt_tokens / runtime if runtime else None,  # this attempt's steps and time
     }
+    captured = getattr(trainer, "captured", None)
+    if captured is not None:  # finetune.cuda_graphs: how many graphs, and how long capturing them took
+        metrics["cuda_graphs"] = {"graphs": len(captured.graphs), "capture_s": round(captured.capture_s, 1)}
     # ZeRO-3 shards parameters: gather the LoRA weights (on every rank: it is collective) to read and save them.
     lora_parameters = [param for name, param in model.named_parameters() if "lora_" in name]
     with distributed.gathered(lora_parameters):

@@ -32,19 +32,22 @@ JOIN_BASE_WEIGHTS = True  # prepare_model_for_packing's default; benchmarks/fine
 
 def _chunk_loss_and_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
                          need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed cross-entropy of one chunk (times ``scale``) and its gradient w.r.t. ``hidden``.
+    """Summed cross-entropy of one chunk (times ``scale``) and its gradient w.r.t. ``hidden``; -100 targets add 0.
 
     Logits are computed in the weight's precision and upcast to fp32, as transformers' loss does.
     """
     logits = (hidden @ weight.t()).float()
     lse = torch.logsumexp(logits, dim=-1)
+    # -100 targets count zero: fixed-shape callers (CUDA graphs) pass every position instead of finding them
+    weights = (targets != IGNORE_INDEX).to(torch.float32) * scale
+    targets = targets.clamp_min(0)
     picked = logits.gather(1, targets[:, None]).squeeze(1)
-    loss = (lse - picked).sum() * scale
+    loss = ((lse - picked) * weights).sum()
     if not need_grad:
         return loss, None
     probs = torch.exp(logits - lse[:, None])
     probs.scatter_add_(1, targets[:, None], torch.full_like(picked[:, None], -1.0))
-    grad = (probs * scale).to(weight.dtype) @ weight
+    grad = (probs * weights[:, None]).to(weight.dtype) @ weight
     return loss, grad
 
 
@@ -92,7 +95,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          scale: float | torch.Tensor = 1.0, chunk_size: int = 4096, compiled: bool = False,
-                         target_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                         target_positions: torch.Tensor | None = None,
+                         all_positions: bool = False) -> tuple[torch.Tensor, int]:
     """Causal-LM loss ``sum(CE(hidden[t] @ weight.T, labels[t+1])) * scale`` and the number of targets.
 
     ``hidden`` is [batch, tokens, dim] (the decoder's final normed output), ``labels`` [batch, tokens] with
@@ -101,9 +105,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     The gradient w.r.t. ``hidden`` is computed during the forward pass (the head is frozen under LoRA), so
     backward costs nothing more. ``target_positions`` (indices into the flattened ``[batch * (tokens - 1)]``
     positions, as ``PackingCollator`` gives them) saves the device sync of finding them here.
+    ``all_positions`` sends every position through the head, those without a target adding zero: shapes that
+    depend only on the token count (what a CUDA graph needs), for about a third more head work; the returned
+    count is then the number of positions.
     """
     targets = labels[:, 1:].reshape(-1)
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    if all_positions:
+        loss = _LinearCrossEntropy.apply(rows, weight, targets, scale, chunk_size, compiled)
+        return loss, int(targets.numel())
     if target_positions is None:
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     else:
@@ -285,7 +295,8 @@ def packed_causal_lm_forward(self: torch.nn.Module, input_ids: torch.Tensor | No
         scale = 1.0 / (labels[:, 1:] != IGNORE_INDEX).sum().to(torch.float32).clamp_min(1)
     loss, _ = linear_cross_entropy(hidden, self.get_output_embeddings().weight, labels, scale=scale,
                                    chunk_size=settings["chunk_size"], compiled=settings["compiled"],
-                                   target_positions=target_positions)
+                                   target_positions=target_positions,
+                                   all_positions=settings.get("all_positions", False))
     return CausalLMOutputWithPast(loss=loss)
 
 

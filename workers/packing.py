@@ -53,12 +53,14 @@ class PackingCollator:
     bound (the cutoff length) instead of each batch's own maximum keeps compiled code from
     recompiling for every new maximum. ``pad_to_multiple_of`` appends filler of ``pad_token_id`` with
     no targets, in segments of at most ``max_length`` tokens of their own, for callers that want aligned
-    shapes.
+    shapes. ``segments`` pads the sequence boundaries with empty segments to ``segments`` + 1 entries, so
+    that micro-batches differ in their token count only (``workers/captured_steps.py``: one graph per shape).
     """
 
     max_length: int = 256
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
+    segments: int | None = None
     target_positions: bool = True  # also return where targets are, so the loss needs no device sync to find them
 
     def __call__(self, items: Sequence[dict[str, Sequence[int]]]) -> dict[str, Any]:
@@ -87,6 +89,11 @@ class PackingCollator:
             positions += range(piece)
             bounds.append(bounds[-1] + piece)
             filler -= piece
+        if self.segments is not None:
+            if len(bounds) - 1 > self.segments:
+                raise ValueError(f"a micro-batch of {len(bounds) - 1} segments (sequences and filler) is more than "
+                                 f"the collator's segments={self.segments}")
+            bounds += [bounds[-1]] * (self.segments + 1 - len(bounds))
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
         batch = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
