@@ -393,10 +393,13 @@ def _check_semantics(config: StudyConfig) -> list[str]:
     if tune.compile == "on" and tune.packing == "off":
         problems.append("finetune.compile is on but finetune.packing is off: only the packed path is compiled "
                         "(the recipe path runs as LLM-Pruner's); set finetune.packing=on, or finetune.compile=auto")
-    if tune.cuda_graphs == "on" and (tune.packing == "off" or tune.deepspeed != "none"):
-        problems.append(f"finetune.cuda_graphs is on but finetune.packing is {tune.packing} and finetune.deepspeed is "
-                        f"{tune.deepspeed}: CUDA graphs replay the packed path's micro-batches, and DeepSpeed's hooks "
-                        "cannot be replayed; set finetune.packing=auto and finetune.deepspeed=none, or "
+    if tune.cuda_graphs == "on" and tune.packing == "off":
+        problems.append("finetune.cuda_graphs is on but finetune.packing is off: CUDA graphs replay the packed path's "
+                        "micro-batches; set finetune.packing=auto, or finetune.cuda_graphs=off")
+    if tune.cuda_graphs == "on" and tune.deepspeed != "none":
+        problems.append(f"finetune.cuda_graphs is on but finetune.deepspeed is {tune.deepspeed} (zero2 on GPUs when "
+                        "auto): DeepSpeed's gradient hooks cannot be replayed from a CUDA graph; set "
+                        "finetune.deepspeed=none (the ranks then average gradients as DDP does), or "
                         "finetune.cuda_graphs=off")
     if not 0 <= tune.lora_dropout < 1:
         problems.append(f"finetune.lora_dropout: must be in [0, 1), got {tune.lora_dropout}")

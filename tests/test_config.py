@@ -65,10 +65,11 @@ def test_compile_needs_the_packed_path():
 
 
 def test_cuda_graphs_need_the_packed_path_without_deepspeed():
-    for wrong in (["finetune.packing=off", "finetune.deepspeed=none"], ["finetune.deepspeed=auto"],
-                  ["finetune.deepspeed=zero2"]):
-        with pytest.raises(ConfigError, match="finetune.cuda_graphs is on but finetune.packing is"):
-            load_config(None, ["finetune.cuda_graphs=on", *wrong])
+    with pytest.raises(ConfigError, match="finetune.cuda_graphs is on but finetune.packing is off"):
+        load_config(None, ["finetune.cuda_graphs=on", "finetune.packing=off", "finetune.deepspeed=none"])
+    for deepspeed in ("auto", "zero2"):
+        with pytest.raises(ConfigError, match=f"finetune.cuda_graphs is on but finetune.deepspeed is {deepspeed} "):
+            load_config(None, ["finetune.cuda_graphs=on", f"finetune.deepspeed={deepspeed}"])
     assert load_config(None, ["finetune.cuda_graphs=on", "finetune.deepspeed=none"]).finetune.cuda_graphs == "on"
 
 
