@@ -106,8 +106,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     backward costs nothing more. ``target_positions`` (indices into the flattened ``[batch * (tokens - 1)]``
     positions, as ``PackingCollator`` gives them) saves the device sync of finding them here.
     ``all_positions`` sends every position through the head, those without a target adding zero: shapes that
-    depend only on the token count (what a CUDA graph needs), for about a third more head work; the returned
-    count is then the number of positions.
+    depend only on the token count (what a CUDA graph needs). The head then does about 60% more work on
+    alpaca-like rows, where 61% of the tokens are targets. The returned count is then the number of positions.
     """
     targets = labels[:, 1:].reshape(-1)
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
