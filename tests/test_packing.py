@@ -314,3 +314,39 @@ def test_packed_bf16_on_gpu_matches_padded(tokenizer, items, compile_layers):
         got_loss, got_grads = packed_step(packed_model, [items[:2], items[2:]], device="cuda")
     assert got_loss == pytest.approx(want_loss, rel=2e-2)
     assert_close_grads(got_grads, want_grads, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_captured_micro_batches_on_gpu_match_padded(tokenizer, items, compile_layers):
+    """finetune.cuda_graphs: a length's first micro-batch is captured, the next replays the graph with its own data;
+    the step's loss and LoRA gradients are the padded recipe's, and again on a second step of replays."""
+    from workers.captured_steps import CapturedMicroBatches, FlatGradients
+
+    padded_model = lora_model(len(tokenizer), torch.bfloat16, "cuda")
+    packed_model = copy.deepcopy(padded_model)
+    prepare_model_for_packing(packed_model, compile_layers=compile_layers, chunk_size=16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want_loss, want_grads = padded_step(padded_model, tokenizer, [items[:4], items[4:]], "cuda")
+    collate = PackingCollator(max_length=64, pad_to_multiple_of=64, segments=len(items) + 1)
+    batches = [collate(group) for group in (items[:2], items[2:])]
+    total = sum(batch["target_positions"].numel() for batch in batches)
+    grads = FlatGradients([param for param in packed_model.parameters() if param.requires_grad])
+
+    def loss_fn(inputs):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return packed_model(**inputs).loss
+
+    run = CapturedMicroBatches(loss_fn, grads, causal_lm(packed_model)._prunetune_loss, capture=True)
+    for _ in range(2):
+        grads.zero()
+        loss_sum = 0.0
+        for batch in batches:
+            inputs = {key: value.to("cuda") if torch.is_tensor(value) else value for key, value in batch.items()
+                      if key != "target_positions"}
+            inputs["num_items_in_batch"] = torch.tensor(total, device="cuda")
+            loss_sum += float(run(inputs))
+        assert loss_sum == pytest.approx(want_loss, rel=2e-2)
+        assert_close_grads(lora_grads(packed_model), want_grads, rtol=5e-2)
+    assert run.graphs and all(graph is not None for graph, _ in run.graphs.values())
