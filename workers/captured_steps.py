@@ -135,7 +135,7 @@ class CapturedMicroBatches:
         self.grads.buffer.copy_(kept)
         self.capture_s += time.monotonic() - started
         log.debug("captured a CUDA graph for micro-batches of %d tokens (%d graphs, %.1f s capturing in all)",
-                 inputs["input_ids"].shape[-1], len(self.graphs) + 1, self.capture_s)
+                  inputs["input_ids"].shape[-1], len(self.graphs) + 1, self.capture_s)
         return graph, buffers
 
     def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
