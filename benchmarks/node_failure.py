@@ -33,7 +33,7 @@ from jobs.monitor import collect  # noqa: E402
 from jobs.study import Pair, StudyPaths  # noqa: E402
 from tests.slurm_cluster import (MULTI_PORT_BASE, MULTI_STATE_DIR, cluster_unavailable, launch,  # noqa: E402
                                  node_command, start_cluster, stop_cluster, wait_until)
-from tests.test_multinode import EXTENSIONS_CACHE, build_assets, crash_study_args, finetune_step  # noqa: E402
+from tests.test_multinode import build_assets, crash_study_args, finetune_step  # noqa: E402
 
 PAIR = Pair("Llama", "best_acc")
 
@@ -50,7 +50,6 @@ def main() -> int:
         return 2
     started = time.monotonic()
     os.environ["SLURM_CONF"] = start_cluster(MULTI_STATE_DIR, MULTI_PORT_BASE, nodes=2)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))
     print(f"two-node cluster up in {time.monotonic() - started:.1f} s ({MULTI_STATE_DIR})")
     try:
         with tempfile.TemporaryDirectory(prefix="prunetune-node-failure-") as scratch:

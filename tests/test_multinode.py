@@ -27,8 +27,6 @@ from tests.slurm_cluster import (MULTI_PORT_BASE, MULTI_STATE_DIR, cluster_unava
 pytestmark = pytest.mark.slurm
 
 PAIR = Pair("Llama", "best_acc")
-# DeepSpeed's CPU communication op, compiled on first use (35-70 s on 2 cores), shared with tests/test_distributed.py.
-EXTENSIONS_CACHE = Path.home() / ".cache" / "prunetune" / "torch_extensions"
 WORDS = "one two three four five six seven eight nine ten".split()
 
 
@@ -37,16 +35,14 @@ def two_nodes():
     reason = cluster_unavailable(nodes=2)
     if reason:
         pytest.skip(reason)
-    saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "TORCH_EXTENSIONS_DIR")}
+    saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = start_cluster(MULTI_STATE_DIR, MULTI_PORT_BASE, nodes=2)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))  # jobs inherit it through sbatch
     yield
     stop_cluster(MULTI_STATE_DIR, MULTI_PORT_BASE)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved
 
 
 @pytest.fixture(scope="module")

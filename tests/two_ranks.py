@@ -14,7 +14,6 @@ from jobs.study import Pair, StudyPaths
 
 REPO = Path(__file__).resolve().parent.parent
 PAIR = Pair("Llama", "best_acc")
-EXTENSIONS_CACHE = Path.home() / ".cache" / "prunetune" / "torch_extensions"
 
 
 def alpaca_rows(count: int) -> list[dict[str, str]]:
@@ -32,11 +31,10 @@ def free_port() -> int:
 
 def child_environment(**settings: str) -> dict[str, str]:
     """This process's environment for a finetune child on the CPU: no rank, SLURM or accelerate variables of
-    its own, one thread, this checkout importable, DeepSpeed's compiled ops cached; then ``settings``."""
+    its own, one thread, this checkout importable; then ``settings``."""
     environment = {key: value for key, value in os.environ.items()
                    if not key.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "ACCELERATE_"))}
-    environment.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
-                        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))})
+    environment.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
     return {**environment, **settings}
 
 
@@ -69,7 +67,8 @@ def run_two_ranks(root: Path, child: Path) -> tuple[list[str], float]:
             # What submitit's sbatch script and srun give task `rank` of a 1-node, 2-task job.
             SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
             SLURM_NODEID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-            SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))  # a free port: tests run side by side
+            SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port),  # a free port: tests run side by side
+            TORCH_EXTENSIONS_DIR=str(root / "torch_extensions"))  # where a JIT-compiled op would go: none should
         processes.append(subprocess.Popen([sys.executable, str(child), str(root)], cwd=REPO, env=environment,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []

@@ -39,9 +39,7 @@ unknown keys below the top level. ``resolve_deepspeed_config`` fills every ``"au
 
 ``finetune.deepspeed=auto`` uses ZeRO-2 on GPUs and whenever there is more than one rank, and no
 DeepSpeed for one CPU process: there ZeRO has nothing to shard, and DeepSpeed would only add its engine
-set-up (measured: +3 s CPU time per demo finetune, 13.6 s -> 16.3 s in a fresh process) and, on CPU, a
-C++ comm op compiled once per machine on first use (35-70 s on 2 cores; used only by DeepSpeed's
-inference all-reduce, but built whenever its CPU comm backend starts; TORCH_EXTENSIONS_DIR caches it).
+set-up (measured: +3 s CPU time per demo finetune, 13.6 s -> 16.3 s in a fresh process).
 """
 from __future__ import annotations
 
@@ -180,6 +178,8 @@ def setup(deepspeed_setting: str, on_gpu: bool) -> DistributedRun:
                                f"MASTER_PORT in the SLURM template's set-up lines") from error
         _owns_group = True
         atexit.register(_destroy_group)  # a group kept for the next task (see teardown) ends with the process
+    if deepspeed and not on_gpu:
+        _skip_cpu_inference_comm_op()
     _configure_accelerate(ranks, deepspeed is not None, on_gpu, backend)
     _configured_state = True
     if deepspeed:
@@ -407,6 +407,21 @@ def _destroy_group() -> None:
     if _owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _owns_group = False
+
+
+def _skip_cpu_inference_comm_op() -> None:
+    """Keep DeepSpeed's CPU comm backend from JIT-compiling its shared-memory op (deepspeed_shm_comm).
+
+    The op serves DeepSpeed's inference all-reduce only; training reduces through torch.distributed either way.
+    Building it costs 35-70 s per machine on 2 cores, and torch guards the build with a lock file that even a
+    cached load takes: a process killed while holding it (a cancelled job, a lost node) leaves it behind, and every
+    later DeepSpeed run on that machine then waits on it forever."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False  # what DeepSpeed reads to decide whether to build
 
 
 def _quiet_deepspeed_noise() -> None:
