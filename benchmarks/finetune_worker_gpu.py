@@ -79,6 +79,9 @@ def main() -> int:
                         help="peft runs each LoRA target on its own (the packed path's grouped q/k/v and gate/up off)")
     parser.add_argument("--no-join-base", action="store_true",
                         help="grouped LoRA keeps each base projection's weight apart (one product per target)")
+    parser.add_argument("--capture-pad", type=int,
+                        help="with finetune.cuda_graphs=on: pad micro-batches to a multiple of this many tokens "
+                             "(default: the cutoff); smaller means less filler and more graphs")
     parser.add_argument("--work", help="folder for the model and data (kept; reused when already prepared)")
     parser.add_argument("--prepare-only", action="store_true", help="build model and data in --work, then stop")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -112,6 +115,7 @@ def main() -> int:
     packed_trainer.GRADIENT_AS_BUCKET_VIEW = not args.no_bucket_view
     packed_trainer.GROUP_LORA = not args.no_group_lora
     packed_model.JOIN_BASE_WEIGHTS = not args.no_join_base
+    packed_trainer.CAPTURE_PAD_MULTIPLE = args.capture_pad
     for setting in args.inductor:
         key, _, value = setting.partition("=")
         setattr(inductor_config, key, ast.literal_eval(value))

@@ -27,6 +27,7 @@ from workers.packing import PackedStepSampler, PackingCollator, group_in_order, 
 
 GRADIENT_AS_BUCKET_VIEW = True  # DDP's option for the packed path; benchmarks/finetune_worker_gpu.py compares both
 GROUP_LORA = True  # LoRA targets sharing an input run as one group where allowed; the benchmark compares both
+CAPTURE_PAD_MULTIPLE: int | None = None  # captured micro-batches pad to it (None: the cutoff); the benchmark varies it
 
 
 @dataclass
@@ -61,7 +62,8 @@ def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list
     collator = eval_collator
     if graphs:  # a micro-batch holds at most one step's sequences, and the filler is one segment
         collator = PackingCollator(max_length=tune.cutoff_len, pad_token_id=pad_token_id,
-                                   pad_to_multiple_of=tune.cutoff_len, segments=tune.batch_size + 1)
+                                   pad_to_multiple_of=CAPTURE_PAD_MULTIPLE or tune.cutoff_len,
+                                   segments=tune.batch_size + 1)
     eval_batches = group_in_order([len(item["input_ids"]) for item in val_set], budget) if val_set else []
     return PackedData(sampler, collator, eval_batches, micro, max(1, len(sampler) // (world_size * micro)), setup,
                       eval_collator, graphs)
