@@ -267,7 +267,7 @@ def test_two_ranks_train_what_one_process_trains(two_ranks, tmp_path):
 
 @pytest.mark.slow
 def test_deepspeed_on_cpu_compiles_no_op(two_ranks):
-    """DeepSpeed's CPU comm op serves inference only: not built, so no 35-70 s compile and no build lock that a
+    """DeepSpeed's CPU comm op serves inference only: not built, so no 22-70 s compile and no build lock that a
     killed rank could leave behind for every later run to wait on."""
     _, root, outputs, _ = two_ranks
     assert not (root / "torch_extensions").exists()

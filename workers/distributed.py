@@ -413,15 +413,16 @@ def _skip_cpu_inference_comm_op() -> None:
     """Keep DeepSpeed's CPU comm backend from JIT-compiling its shared-memory op (deepspeed_shm_comm).
 
     The op serves DeepSpeed's inference all-reduce only; training reduces through torch.distributed either way.
-    Building it costs 35-70 s per machine on 2 cores, and torch guards the build with a lock file that even a
+    Building it took 22-70 s per machine on 2 cores, and torch guards the build with a lock file that even a
     cached load takes: a process killed while holding it (a cancelled job, a lost node) leaves it behind, and every
     later DeepSpeed run on that machine then waits on it forever."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:
-        deepspeed.ops.__compatible_ops__[builder.NAME] = False  # what DeepSpeed reads to decide whether to build
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # what DeepSpeed 0.19 reads before building
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
 
 
 def _quiet_deepspeed_noise() -> None:
