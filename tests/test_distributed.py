@@ -134,6 +134,24 @@ def test_config_checks_deepspeed_name_and_batch_divisibility():
     load_config(None, ["resources.finetune.gpus_per_node=8", "resources.finetune.nodes=2"])  # 64 = 4 x 1 x 16
 
 
+def test_a_build_lock_left_by_a_killed_build_is_named_with_its_rm(tmp_path, monkeypatch, caplog):
+    """torch waits on a build folder's lock in silence and forever; one older than any build gets a warning."""
+    from workers.distributed import STALE_BUILD_LOCK_S, warn_of_stale_build_locks
+
+    root = tmp_path / "build root"  # the command to paste must survive the space
+    fresh, stale = root / "cpu_adam" / "lock", root / "py311_cu130" / "fused_adam" / "lock"
+    for lock in (fresh, stale):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    now = stale.stat().st_mtime + 60
+    os.utime(stale, (now - STALE_BUILD_LOCK_S - 60,) * 2)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+
+    with caplog.at_level("WARNING", logger="workers.distributed"):
+        assert warn_of_stale_build_locks(now) == [str(stale)]
+    assert [record.getMessage().split("delete it: ")[1] for record in caplog.records] == [f"rm '{stale}'"]
+
+
 def test_finetune_jobs_get_one_task_per_gpu(tmp_path):
     from jobs.plan import build_plan
     from jobs.slurm import make_executor

@@ -47,8 +47,10 @@ import atexit
 import contextlib
 import logging
 import os
+import shlex
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -178,6 +180,8 @@ def setup(deepspeed_setting: str, on_gpu: bool) -> DistributedRun:
                                f"MASTER_PORT in the SLURM template's set-up lines") from error
         _owns_group = True
         atexit.register(_destroy_group)  # a group kept for the next task (see teardown) ends with the process
+    if deepspeed and ranks.local_rank == 0:
+        warn_of_stale_build_locks()
     if deepspeed and not on_gpu:
         _skip_cpu_inference_comm_op()
     _configure_accelerate(ranks, deepspeed is not None, on_gpu, backend)
@@ -423,6 +427,39 @@ def _skip_cpu_inference_comm_op() -> None:
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # what DeepSpeed 0.19 reads before building
     if builder is not None and isinstance(compatible, dict):
         compatible[builder.NAME] = False
+
+
+STALE_BUILD_LOCK_S = 30 * 60  # a DeepSpeed op builds in minutes; a lock this old has lost its owner
+
+
+def warn_of_stale_build_locks(now: float | None = None) -> list[str]:
+    """Name any torch extension build lock old enough to be left behind by a killed process.
+
+    DeepSpeed JIT-compiles the ops a config asks for (CPU Adam under ``zero3_offload``) through torch, which
+    waits on the build folder's ``lock`` file without a word and without end. A job cancelled mid-build leaves
+    the file, and every later job that needs the op then hangs. Deleting it is left to the user: another job
+    may be building right now on a shared home folder."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    now = time.time() if now is None else now
+    stale = []
+    for lock in _build_locks(root):
+        with contextlib.suppress(OSError):  # released while we looked
+            age = now - os.stat(lock).st_mtime
+            if age > STALE_BUILD_LOCK_S:
+                stale.append(lock)
+                log.warning("torch extension build lock %s is %.0f min old; a DeepSpeed op that builds there waits on "
+                            "it forever. If no job is building it now, delete it: rm %s", lock, age / 60, shlex.quote(lock))
+    return stale
+
+
+def _build_locks(root: str) -> list[str]:
+    """<root>/<op>/lock, and <root>/py311_cu130/<op>/lock: torch adds that level when TORCH_EXTENSIONS_DIR is unset."""
+    import glob
+
+    root = glob.escape(root)
+    return sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")))
 
 
 def _quiet_deepspeed_noise() -> None:
