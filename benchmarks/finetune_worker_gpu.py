@@ -365,7 +365,9 @@ class StepProfile:
                 shutil.copyfileobj(source, target)
             plain.unlink()
         events = self.profiler.key_averages()
-        kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+        # label_regions' labels appear on the GPU timeline too, as annotations spanning the kernels: count kernels only
+        kernels = sum(e.self_device_time_total for e in events
+                      if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)) / 1e6
         # Synchronize calls are waits for the GPU; item/copy counts say where to look for more
         waits = {e.key: e.count for e in events if "Synchronize" in e.key or "cudaMemcpy" in e.key
                  or e.key in ("aten::item", "aten::_local_scalar_dense")}
