@@ -449,13 +449,14 @@ def warn_of_stale_build_locks(now: float | None = None) -> list[str]:
             age = now - os.stat(lock).st_mtime
             if age > STALE_BUILD_LOCK_S:
                 stale.append(lock)
-                log.warning("torch extension build lock %s is %.0f min old; a DeepSpeed op that builds there waits on "
-                            "it forever. If no job is building it now, delete it: rm %s", lock, age / 60, shlex.quote(lock))
+                log.warning("torch extension build lock %s is %.0f min old; a DeepSpeed op that builds there waits "
+                            "on it forever. If no job is building it now, delete it: rm %s", lock, age / 60,
+                            shlex.quote(lock))
     return stale
 
 
 def _build_locks(root: str) -> list[str]:
-    """<root>/<op>/lock, and <root>/py311_cu130/<op>/lock: torch adds that level when TORCH_EXTENSIONS_DIR is unset."""
+    """<root>/<op>/lock, and <root>/py311_cu130/<op>/lock (torch adds that level when TORCH_EXTENSIONS_DIR is unset)."""
     import glob
 
     root = glob.escape(root)
