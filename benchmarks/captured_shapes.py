@@ -12,7 +12,7 @@ micro-batches with the captured path's collator. For each layout it prints, per 
 - ``padded_per_real``: tokens through the layers per real token (the filler up to a multiple of the cutoff);
 - ``head_rows_per_real``: rows through the vocabulary-wide head per real token.
 
-Layouts: ``every_position`` scores every padded position (the captured path up to 34bdfa3); ``target_slots``
+Layouts: ``every_position`` scores every padded position (the captured path before 34bdfa3); ``target_slots``
 scores the target positions padded to a multiple of the cutoff (since); ``uncaptured`` is the packed path
 without graphs, which scores the targets alone. No model runs: these are counts, the same on any machine.
 """
