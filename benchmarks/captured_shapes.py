@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.config import FinetuneSettings  # noqa: E402
-from workers.packing import PackedStepSampler, PackingCollator, micro_batches_for_budget  # noqa: E402
+from workers.packed_trainer import captured_collator  # noqa: E402
+from workers.packing import PackedStepSampler, micro_batches_for_budget  # noqa: E402
 from workers.prompts import tokenize_example  # noqa: E402
 
 
@@ -53,8 +54,7 @@ def main() -> int:
         micro = micro_batches_for_budget(lengths, tune.batch_size, world, max_tokens=budget, seed=tune.seed,
                                          epochs=args.epochs)
         sampler = PackedStepSampler(lengths, tune.batch_size, world, micro, seed=tune.seed)
-        collate = PackingCollator(max_length=tune.cutoff_len, pad_to_multiple_of=tune.cutoff_len,
-                                  segments=tune.batch_size + 1, pad_targets_to_multiple_of=tune.cutoff_len)
+        collate = captured_collator(tune, tokenizer.pad_token_id)
         lengths_seen, pairs_seen = set(), set()
         micro_batches = real = padded = targets = slots = 0
         for epoch in range(args.epochs):

@@ -59,14 +59,18 @@ def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list
     sampler = PackedStepSampler(lengths, tune.batch_size, world_size, micro, seed=tune.seed)
     eval_collator = PackingCollator(max_length=tune.cutoff_len, pad_token_id=pad_token_id)
     graphs = tune.cuda_graphs == "on"
-    collator = eval_collator
-    if graphs:  # a micro-batch holds at most one step's sequences, and the filler is one segment
-        multiple = CAPTURE_PAD_MULTIPLE or tune.cutoff_len
-        collator = PackingCollator(max_length=tune.cutoff_len, pad_token_id=pad_token_id, pad_to_multiple_of=multiple,
-                                   segments=tune.batch_size + 1, pad_targets_to_multiple_of=multiple)
+    collator = captured_collator(tune, pad_token_id) if graphs else eval_collator
     eval_batches = group_in_order([len(item["input_ids"]) for item in val_set], budget) if val_set else []
     return PackedData(sampler, collator, eval_batches, micro, max(1, len(sampler) // (world_size * micro)), setup,
                       eval_collator, graphs)
+
+
+def captured_collator(tune: FinetuneSettings, pad_token_id: int) -> PackingCollator:
+    """The training collator under ``finetune.cuda_graphs=on``: lengths and target counts padded to a multiple of
+    the cutoff; a micro-batch holds at most one step's sequences, and the filler is one segment."""
+    multiple = CAPTURE_PAD_MULTIPLE or tune.cutoff_len
+    return PackingCollator(max_length=tune.cutoff_len, pad_token_id=pad_token_id, pad_to_multiple_of=multiple,
+                           segments=tune.batch_size + 1, pad_targets_to_multiple_of=multiple)
 
 
 class PackedTrainer(LoraTrainer):
