@@ -12,9 +12,10 @@ micro-batches with the captured path's collator. For each layout it prints, per 
 - ``padded_per_real``: tokens through the layers per real token (the filler up to a multiple of the cutoff);
 - ``head_rows_per_real``: rows through the vocabulary-wide head per real token.
 
-Layouts: ``every_position`` scores every padded position (the captured path before 34bdfa3); ``target_slots``
-scores the target positions padded to a multiple of the cutoff (since); ``uncaptured`` is the packed path
-without graphs, which scores the targets alone. No model runs: these are counts, the same on any machine.
+Layouts: ``every_position`` scores every padded position (the captured path); ``target_slots`` would score the
+target positions padded to a multiple of the cutoff (34bdfa3 did, reverted: on an H200 it was no faster and
+captured about twice the graphs, benchmarks/RESULTS.md); ``uncaptured`` is the packed path without graphs, which
+scores the targets alone. No model runs: these are counts, the same on any machine.
 """
 from __future__ import annotations
 
@@ -27,16 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.config import FinetuneSettings  # noqa: E402
 from workers.packed_trainer import captured_collator  # noqa: E402
-from workers.packing import PackedStepSampler, micro_batches_for_budget  # noqa: E402
+from workers.packing import IGNORE_INDEX, PackedStepSampler, micro_batches_for_budget  # noqa: E402
 from workers.prompts import tokenize_example  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="a folder finetune_worker_gpu.py --prepare-only made")
-    parser.add_argument("--layouts", default="1:2816,1:8192,2:8192,4:8192",
+    parser.add_argument("--layouts", default="1:2816,1:3072,1:8192,2:8192,4:8192",
                         help="GPUs:packing_max_tokens pairs, comma-separated")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--slot-multiple", type=int, default=256, help="target_slots: targets padded to this multiple")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -62,13 +64,15 @@ def main() -> int:
             for step in sampler.steps():
                 for group in step[0::world]:  # rank 0's micro-batches
                     batch = collate([items[index] for index in group])
-                    length, slot_count = batch["input_ids"].shape[-1], batch["target_positions"].numel()
+                    length = batch["input_ids"].shape[-1]
+                    target_count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # t predicts labels[t + 1]
+                    slot_count = target_count + -target_count % args.slot_multiple
                     lengths_seen.add(length)
                     pairs_seen.add((length, slot_count))
                     micro_batches += 1
                     real += sum(lengths[index] for index in group)
                     padded += length
-                    targets += int((batch["target_positions"] >= 0).sum())
+                    targets += target_count
                     slots += slot_count
         print(json.dumps({"gpus": world, "packing_max_tokens": budget, "micro_batches_per_step": micro,
                           "real_tokens_per_micro_batch": round(real / micro_batches),

@@ -101,10 +101,9 @@ class FinetuneSettings:
     compile: str = "auto"
     # Each training micro-batch (forward, loss, backward) as one CUDA graph: its thousands of kernels launch at
     # once, for small micro-batches (several GPUs), where launching them one by one bounds a step. Micro-batches
-    # are padded to a multiple of cutoff_len tokens with a filler that has no targets, and their target count to
-    # a multiple of cutoff_len (one graph per padded length and target count). Same recipe and loss. Needs
-    # packing and finetune.deepspeed=none (DeepSpeed's hooks cannot replay); several ranks average their
-    # gradients once per step, as DDP does. off: never.
+    # are padded to a multiple of cutoff_len tokens with a filler that has no targets (one graph per padded
+    # length). Same recipe and loss. Needs packing and finetune.deepspeed=none (DeepSpeed's hooks cannot replay);
+    # several ranks average their gradients once per step, as DDP does. off: never.
     cuda_graphs: str = "off"
     # DeepSpeed ZeRO config from configs/deepspeed/ (zero2, zero3, zero3_offload) or none. auto: zero2 on GPUs or
     # with several ranks, none for one CPU process (nothing to shard; DeepSpeed would only slow the demo's start).

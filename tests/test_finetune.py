@@ -203,10 +203,9 @@ def test_compiled_packed_path_trains_as_the_eager_one(tmp_path):
 
 
 def test_cuda_graphs_layout_trains_as_the_packed_path(tmp_path):
-    """finetune.cuda_graphs=on: micro-batches padded to a multiple of the cutoff and a fixed segment count, target
-    positions padded with slots that score nothing, gradients in one flat buffer zeroed in place (on the CPU nothing
-    is captured). With dropout off (padding changes how many random numbers it draws) the losses are the packed
-    path's."""
+    """finetune.cuda_graphs=on: micro-batches padded to a multiple of the cutoff and a fixed segment count, the loss
+    over every position, gradients in one flat buffer zeroed in place (on the CPU nothing is captured). With dropout
+    off (padding changes how many random numbers it draws) the losses are the packed path's."""
     losses = {}
     for graphs in ("off", "on"):
         config = tiny_study(tmp_path / graphs, "finetune.packing=on", "finetune.packing_max_tokens=256",
@@ -215,7 +214,7 @@ def test_cuda_graphs_layout_trains_as_the_packed_path(tmp_path):
         metrics = json.loads((StudyPaths(config).finetuned_dir(PAIR) / "finetuning_config.json").read_text())["metrics"]
         losses[graphs] = (metrics["first_train_loss"], metrics["last_train_loss"], metrics["last_eval_loss"])
         assert ("cuda_graphs" in metrics) == (graphs == "on")
-    assert metrics["cuda_graphs"]["graphs"] >= 2  # padded shapes seen; on the CPU none is captured
+    assert metrics["cuda_graphs"]["graphs"] >= 2  # padded lengths seen; on the CPU none is captured
     assert losses["on"][1] < losses["on"][0]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
 

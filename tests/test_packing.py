@@ -122,10 +122,6 @@ def test_collator_pads_to_fixed_shapes_for_cuda_graphs():
     assert batch["labels"].tolist() == [[-100, 6, 7] + [-100] * 5]
     with pytest.raises(ValueError, match="segments=1"):
         PackingCollator(max_length=4, segments=1)([{"input_ids": [1]}, {"input_ids": [2]}])
-    # target positions padded with -1 slots to a multiple, so that their count takes few values too
-    collate = PackingCollator(max_length=4, pad_to_multiple_of=8, pad_targets_to_multiple_of=4)
-    batch = collate([{"input_ids": [5, 6, 7]}])
-    assert batch["target_positions"].tolist() == [0, 1, -1, -1]
 
 
 def test_packed_loss_and_lora_grads_match_padded(tokenizer, items):
@@ -223,25 +219,21 @@ def test_no_attention_across_sequences(tokenizer, items):
     torch.testing.assert_close(base[third], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("padded_slots", [0, 5], ids=["target-positions", "padded-target-slots"])
-def test_linear_cross_entropy_matches_reference(padded_slots):
-    """Padding slots (-1, a CUDA graph's fixed row count) score nothing: same loss and input gradient."""
+@pytest.mark.parametrize("all_positions", [False, True], ids=["target-positions", "all-positions"])
+def test_linear_cross_entropy_matches_reference(all_positions):
     torch.manual_seed(1)
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     weight = torch.randn(50, 16)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :4] = IGNORE_INDEX
     labels[1, 6] = IGNORE_INDEX
-    positions = (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-    positions = torch.cat([positions, torch.full((padded_slots,), -1)])
-    loss, count = linear_cross_entropy(hidden, weight, labels, scale=0.25, chunk_size=3,
-                                       target_positions=positions if padded_slots else None)
+    loss, count = linear_cross_entropy(hidden, weight, labels, scale=0.25, chunk_size=3, all_positions=all_positions)
     loss.backward()
     ref_hidden = hidden.detach().clone().requires_grad_()
     logits = ref_hidden[:, :-1] @ weight.t()
     ref = F.cross_entropy(logits.reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum") * 0.25
     ref.backward()
-    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum()) + padded_slots
+    assert count == (16 if all_positions else int((labels[:, 1:] != IGNORE_INDEX).sum()))
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
     torch.testing.assert_close(hidden.grad, ref_hidden.grad)
 
@@ -328,7 +320,7 @@ def test_packed_bf16_on_gpu_matches_padded(tokenizer, items, compile_layers):
 @needs_gpu
 @pytest.mark.parametrize("compile_layers", [False, True])
 def test_captured_micro_batches_on_gpu_match_padded(tokenizer, items, compile_layers):
-    """finetune.cuda_graphs: a shape's first micro-batch is captured, the next replays the graph with its own data;
+    """finetune.cuda_graphs: a length's first micro-batch is captured, the next replays the graph with its own data;
     the step's loss and LoRA gradients are the padded recipe's, and again on a second step of replays."""
     from workers.captured_steps import CapturedMicroBatches, FlatGradients
 
@@ -337,22 +329,22 @@ def test_captured_micro_batches_on_gpu_match_padded(tokenizer, items, compile_la
     prepare_model_for_packing(packed_model, compile_layers=compile_layers, chunk_size=16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         want_loss, want_grads = padded_step(padded_model, tokenizer, [items[:4], items[4:]], "cuda")
-    collate = PackingCollator(max_length=64, pad_to_multiple_of=64, segments=len(items) + 1,
-                              pad_targets_to_multiple_of=64)
+    collate = PackingCollator(max_length=64, pad_to_multiple_of=64, segments=len(items) + 1)
     batches = [collate(group) for group in (items[:2], items[2:])]
-    total = sum(int((batch["target_positions"] >= 0).sum()) for batch in batches)
+    total = sum(batch["target_positions"].numel() for batch in batches)
     grads = FlatGradients([param for param in packed_model.parameters() if param.requires_grad])
 
     def loss_fn(inputs):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return packed_model(**inputs).loss
 
-    run = CapturedMicroBatches(loss_fn, grads, capture=True)
+    run = CapturedMicroBatches(loss_fn, grads, causal_lm(packed_model)._prunetune_loss, capture=True)
     for _ in range(2):
         grads.zero()
         loss_sum = 0.0
         for batch in batches:
-            inputs = {key: value.to("cuda") if torch.is_tensor(value) else value for key, value in batch.items()}
+            inputs = {key: value.to("cuda") if torch.is_tensor(value) else value for key, value in batch.items()
+                      if key != "target_positions"}
             inputs["num_items_in_batch"] = torch.tensor(total, device="cuda")
             loss_sum += float(run(inputs))
         assert loss_sum == pytest.approx(want_loss, rel=2e-2)

@@ -6,12 +6,11 @@ graph of the whole micro-batch (forward, loss and backward) launches them all at
 (``torch.compile(mode="reduce-overhead")``) crashed the worker; this is plain ``torch.cuda.graph`` capture
 around the (compiled) layers. What that needs:
 
-- **Shapes that take few values.** The collator pads each micro-batch to a multiple of the cutoff with a
-  filler segment that has no targets, its sequence boundaries to a fixed count with empty segments, and its
-  target positions to a multiple of the cutoff with slots that score nothing (``linear_cross_entropy``). One
-  graph per padded length and target count, captured the first time that pair comes; before the first
-  capture, warm-up runs outside it compile and let cuBLAS and autograd set up. (Scoring every position
-  instead, one graph per length, sent the prompt positions through the vocabulary-wide head too.)
+- **Shapes that depend on the token count only.** The collator pads each micro-batch to a multiple of the
+  cutoff with a filler segment that has no targets, and its sequence boundaries to a fixed count with empty
+  segments; the loss runs over every position with the -100 targets weighted zero
+  (``linear_cross_entropy(all_positions=True)``). One graph per padded length, captured the first time that
+  length comes; before the first capture, warm-up runs outside it compile and let cuBLAS and autograd set up.
 - **Fixed memory for what outlives a replay.** Inputs are copied into the graph's own buffers; the LoRA
   gradients are views of one flat buffer (``FlatGradients``) that each backward adds into and ``zero_grad``
   zeroes in place; the loss is copied out inside the graph. All graphs share one memory pool: only one runs
@@ -26,9 +25,10 @@ the same fixed-shape step runs eagerly.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -79,18 +79,19 @@ class FlatGradients:
 
 
 class CapturedMicroBatches:
-    """Run micro-batches (a dict of tensors) through ``loss_fn`` and backward, each set of shapes as one graph.
+    """Run micro-batches (a dict of tensors) through ``loss_fn`` and backward, each padded length as one graph.
 
     ``loss_fn(inputs)`` returns the micro-batch's loss, scaled as the Trainer would back-propagate it.
+    ``all_positions`` is the causal LM's loss setting that this turns on while it runs.
     """
 
     def __init__(self, loss_fn: Callable[[dict[str, Any]], torch.Tensor], grads: FlatGradients,
-                 capture: bool) -> None:
-        self.loss_fn, self.grads, self.capture = loss_fn, grads, capture
+                 loss_settings: dict[str, Any], capture: bool) -> None:
+        self.loss_fn, self.grads, self.loss_settings, self.capture = loss_fn, grads, loss_settings, capture
         device = grads.buffer.device
         self.loss = torch.zeros((), dtype=torch.float32, device=device)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph | None, dict[str, Any]]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, dict[str, Any]]] = {}
         self.capture_s = 0.0
         if capture:
             # Compiling inside a capture fails. With duck shapes, a first token count equal to another input's
@@ -99,8 +100,18 @@ class CapturedMicroBatches:
             import torch.fx.experimental._config as shape_config
             shape_config.use_duck_shape = False
 
+    @contextlib.contextmanager
+    def _all_positions(self) -> Iterator[None]:
+        before = self.loss_settings.get("all_positions", False)
+        self.loss_settings["all_positions"] = True
+        try:
+            yield
+        finally:
+            self.loss_settings["all_positions"] = before
+
     def _forward_backward(self, buffers: dict[str, Any]) -> None:
-        loss = self.loss_fn(buffers)
+        with self._all_positions():
+            loss = self.loss_fn(buffers)
         loss.backward()
         self.loss.copy_(loss.detach())
 
@@ -123,17 +134,17 @@ class CapturedMicroBatches:
             self._forward_backward(buffers)
         self.grads.buffer.copy_(kept)
         self.capture_s += time.monotonic() - started
-        log.debug("captured a CUDA graph for micro-batches of shapes %s (%d graphs, %.1f s capturing in all)",
-                  _shapes(inputs), len(self.graphs) + 1, self.capture_s)
+        log.debug("captured a CUDA graph for micro-batches of %d tokens (%d graphs, %.1f s capturing in all)",
+                  inputs["input_ids"].shape[-1], len(self.graphs) + 1, self.capture_s)
         return graph, buffers
 
     def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
         """Forward, loss and backward of one micro-batch (gradients added into the flat buffer); its loss."""
         self.grads.check()
-        shapes = _shapes(inputs)
-        if shapes not in self.graphs:
-            self.graphs[shapes] = self._capture(inputs)
-        graph, buffers = self.graphs[shapes]
+        length = inputs["input_ids"].shape[-1]
+        if length not in self.graphs:
+            self.graphs[length] = self._capture(inputs)
+        graph, buffers = self.graphs[length]
         for key, value in inputs.items():
             if torch.is_tensor(value):
                 buffers[key].copy_(value, non_blocking=True)
@@ -142,9 +153,3 @@ class CapturedMicroBatches:
         else:
             graph.replay()
         return self.loss.clone()
-
-
-def _shapes(inputs: dict[str, Any]) -> tuple[Any, ...]:
-    """What a graph is fixed to: each tensor's shape, and the other inputs' values."""
-    return tuple((key, tuple(value.shape) if torch.is_tensor(value) else value)
-                 for key, value in sorted(inputs.items()))

@@ -38,7 +38,7 @@ def _chunk_loss_and_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     logits = (hidden @ weight.t()).float()
     lse = torch.logsumexp(logits, dim=-1)
-    # -100 targets count zero: the padding slots of fixed-shape callers (CUDA graphs) have them
+    # -100 targets count zero: fixed-shape callers (CUDA graphs) pass every position instead of finding them
     weights = (targets != IGNORE_INDEX).to(torch.float32) * scale
     targets = targets.clamp_min(0)
     picked = logits.gather(1, targets[:, None]).squeeze(1)
@@ -95,20 +95,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          scale: float | torch.Tensor = 1.0, chunk_size: int = 4096, compiled: bool = False,
-                         target_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Causal-LM loss ``sum(CE(hidden[t] @ weight.T, labels[t+1])) * scale`` and the number of rows scored.
+                         target_positions: torch.Tensor | None = None,
+                         all_positions: bool = False) -> tuple[torch.Tensor, int]:
+    """Causal-LM loss ``sum(CE(hidden[t] @ weight.T, labels[t+1])) * scale`` and the number of targets.
 
     ``hidden`` is [batch, tokens, dim] (the decoder's final normed output), ``labels`` [batch, tokens] with
     -100 where nothing is predicted. Only positions with a target go through the head, ``chunk_size`` rows
     at a time, so peak extra memory is ``chunk_size x vocab`` fp32 values instead of ``tokens x vocab``.
     The gradient w.r.t. ``hidden`` is computed during the forward pass (the head is frozen under LoRA), so
     backward costs nothing more. ``target_positions`` (indices into the flattened ``[batch * (tokens - 1)]``
-    positions, as ``PackingCollator`` gives them) saves the device sync of finding them here. Entries of -1
-    there are padding slots, scored with no target: they give the head a fixed row count (a CUDA graph's
-    shapes) without sending the prompt positions through it too (61% of alpaca-like tokens are targets).
+    positions, as ``PackingCollator`` gives them) saves the device sync of finding them here.
+    ``all_positions`` sends every position through the head, those without a target adding zero: shapes that
+    depend only on the token count (what a CUDA graph needs). The head then does about 60% more work on
+    alpaca-like rows, where 61% of the tokens are targets. The returned count is then the number of positions.
     """
     targets = labels[:, 1:].reshape(-1)
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    if all_positions:
+        loss = _LinearCrossEntropy.apply(rows, weight, targets, scale, chunk_size, compiled)
+        return loss, int(targets.numel())
     if target_positions is None:
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     else:
@@ -116,9 +121,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     count = int(keep.numel())
     if count == 0:
         return hidden.sum() * 0.0, 0
-    slot = keep.clamp_min(0)  # a padding slot scores row 0 with no target: it adds zero to loss and gradient
-    kept_targets = torch.where(keep >= 0, targets.index_select(0, slot), IGNORE_INDEX)
-    loss = _LinearCrossEntropy.apply(rows.index_select(0, slot), weight, kept_targets, scale, chunk_size, compiled)
+    loss = _LinearCrossEntropy.apply(rows.index_select(0, keep), weight, targets.index_select(0, keep), scale,
+                                     chunk_size, compiled)
     return loss, count
 
 
@@ -285,13 +289,14 @@ def packed_causal_lm_forward(self: torch.nn.Module, input_ids: torch.Tensor | No
         scale = 1.0 / num_items_in_batch.sum().to(torch.float32).clamp_min(1)
     elif num_items_in_batch is not None:
         scale = 1.0 / max(float(num_items_in_batch), 1.0)
-    elif target_positions is not None:  # -1 entries are padding slots
-        scale = 1.0 / (target_positions >= 0).sum().to(torch.float32).clamp_min(1)
+    elif target_positions is not None:
+        scale = 1.0 / max(int(target_positions.numel()), 1)
     else:
         scale = 1.0 / (labels[:, 1:] != IGNORE_INDEX).sum().to(torch.float32).clamp_min(1)
     loss, _ = linear_cross_entropy(hidden, self.get_output_embeddings().weight, labels, scale=scale,
                                    chunk_size=settings["chunk_size"], compiled=settings["compiled"],
-                                   target_positions=target_positions)
+                                   target_positions=target_positions,
+                                   all_positions=settings.get("all_positions", False))
     return CausalLMOutputWithPast(loss=loss)
 
 

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from jobs.config import FinetuneSettings
 from workers.captured_steps import CapturedMicroBatches, FlatGradients
 from workers.lora_trainer import LoraTrainer
-from workers.packed_model import PackingSetup, prepare_model_for_packing
+from workers.packed_model import PackingSetup, causal_lm, prepare_model_for_packing
 from workers.packing import PackedStepSampler, PackingCollator, group_in_order, micro_batches_for_budget
 
 GRADIENT_AS_BUCKET_VIEW = True  # DDP's option for the packed path; benchmarks/finetune_worker_gpu.py compares both
@@ -47,9 +47,9 @@ def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list
                     group_lora: bool = True) -> PackedData:
     """Wire the model for packed batches and plan the steps; call after get_peft_model.
 
-    With ``finetune.cuda_graphs=on`` training micro-batches are padded to a multiple of the cutoff, to a fixed
-    count of segments (one step's sequences and a filler), and their target positions to a multiple of the
-    cutoff, so that their shapes take few values; evaluation batches are not captured and stay unpadded.
+    With ``finetune.cuda_graphs=on`` training micro-batches are padded to a multiple of the cutoff and to a
+    fixed count of segments (one step's sequences and a filler), so that their shapes depend on the token
+    count only; evaluation batches are not captured and stay unpadded.
     """
     setup = prepare_model_for_packing(model, compile_layers=compile_layers, group_lora=group_lora and GROUP_LORA)
     lengths = [len(item["input_ids"]) for item in train_set]
@@ -66,11 +66,12 @@ def prepare_packing(model: torch.nn.Module, train_set: list[dict], val_set: list
 
 
 def captured_collator(tune: FinetuneSettings, pad_token_id: int) -> PackingCollator:
-    """The training collator under ``finetune.cuda_graphs=on``: lengths and target counts padded to a multiple of
-    the cutoff; a micro-batch holds at most one step's sequences, and the filler is one segment."""
-    multiple = CAPTURE_PAD_MULTIPLE or tune.cutoff_len
-    return PackingCollator(max_length=tune.cutoff_len, pad_token_id=pad_token_id, pad_to_multiple_of=multiple,
-                           segments=tune.batch_size + 1, pad_targets_to_multiple_of=multiple)
+    """The training collator under ``finetune.cuda_graphs=on``: lengths padded to a multiple of the cutoff; a
+    micro-batch holds at most one step's sequences, and the filler is one segment. No target positions: their
+    count varies, and the graphs score every position."""
+    return PackingCollator(max_length=tune.cutoff_len, pad_token_id=pad_token_id,
+                           pad_to_multiple_of=CAPTURE_PAD_MULTIPLE or tune.cutoff_len, segments=tune.batch_size + 1,
+                           target_positions=False)
 
 
 class PackedTrainer(LoraTrainer):
@@ -117,7 +118,7 @@ class PackedTrainer(LoraTrainer):
         grads = FlatGradients([param for param in module.parameters() if param.requires_grad])
         model.zero_grad = grads.zero  # the Trainer's zero_grad after each step would set the gradients to None
         return CapturedMicroBatches(functools.partial(self._captured_loss, module), grads,
-                                    capture=torch.cuda.is_available())
+                                    causal_lm(module)._prunetune_loss, capture=torch.cuda.is_available())
 
     def _captured_loss(self, module: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items() if key != "num_items_in_batch"}

@@ -55,8 +55,6 @@ class PackingCollator:
     no targets, in segments of at most ``max_length`` tokens of their own, for callers that want aligned
     shapes. ``segments`` pads the sequence boundaries with empty segments to ``segments`` + 1 entries, so
     that micro-batches differ in their token count only (``workers/captured_steps.py``: one graph per shape).
-    ``pad_targets_to_multiple_of`` pads ``target_positions`` with -1 to a multiple, so that their count takes
-    few values too: the loss scores that many slots, the -1 slots adding zero.
     """
 
     max_length: int = 256
@@ -64,7 +62,6 @@ class PackingCollator:
     pad_to_multiple_of: int | None = None
     segments: int | None = None
     target_positions: bool = True  # also return where targets are, so the loss needs no device sync to find them
-    pad_targets_to_multiple_of: int | None = None
 
     def __call__(self, items: Sequence[dict[str, Sequence[int]]]) -> dict[str, Any]:
         input_ids: list[int] = []
@@ -108,10 +105,8 @@ class PackingCollator:
             "max_length_k": self.max_length,
         }
         if self.target_positions:  # position t predicts labels[t + 1]
-            targets = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
-            if self.pad_targets_to_multiple_of:
-                targets += [-1] * (-len(targets) % self.pad_targets_to_multiple_of)
-            batch["target_positions"] = torch.tensor(targets, dtype=torch.long)
+            batch["target_positions"] = torch.tensor(
+                [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX], dtype=torch.long)
         return batch
 
 
