@@ -51,12 +51,12 @@ def main() -> int:
     lengths = [len(item["input_ids"]) for item in items]
     print(json.dumps({"rows": len(items), "mean_tokens": round(sum(lengths) / len(lengths), 1),
                       "cutoff": tune.cutoff_len, "epochs": args.epochs}), flush=True)
+    collate = captured_collator(tune, tokenizer.pad_token_id)
     for layout in args.layouts.split(","):
         world, budget = (int(part) for part in layout.split(":"))
         micro = micro_batches_for_budget(lengths, tune.batch_size, world, max_tokens=budget, seed=tune.seed,
                                          epochs=args.epochs)
         sampler = PackedStepSampler(lengths, tune.batch_size, world, micro, seed=tune.seed)
-        collate = captured_collator(tune, tokenizer.pad_token_id)
         lengths_seen, pairs_seen = set(), set()
         micro_batches = real = padded = targets = slots = 0
         for epoch in range(args.epochs):
