@@ -174,12 +174,14 @@ def main() -> int:
         tokens_per_step = metrics["train_tokens"] / metrics["optimizer_steps"]
         frozen_parameters = record["derived"]["total_parameters"] - record["derived"]["trainable_parameters"]
         steady_tokens_per_s = steady.tokens_per_s(tokens_per_step)
-        # the MFU numerator: 4 FLOPs per frozen parameter and real token, attention left out
-        tflop_s_4n = round(4 * frozen_parameters * steady_tokens_per_s / 1e12, 1) if steady_tokens_per_s else None
-        results.append({"packing": variant, "ranks": record["derived"]["world_size"],
+        ranks = record["derived"]["world_size"]
+        # the MFU numerator, per GPU: 4 FLOPs per frozen parameter and real token, attention left out
+        tflop_s_4n_per_gpu = (round(4 * frozen_parameters * steady_tokens_per_s / ranks / 1e12, 1)
+                              if steady_tokens_per_s else None)
+        results.append({"packing": variant, "ranks": ranks,
                         "deepspeed": record["derived"]["deepspeed"], "tokens_per_s": round(metrics["train_tokens_per_s"]),
                         "steady_tokens_per_s": steady_tokens_per_s,
-                        "tflop_s_4n": tflop_s_4n,
+                        "tflop_s_4n_per_gpu": tflop_s_4n_per_gpu,
                         "block_ms_per_step": steady.block_ms_per_step(),
                         "first_step_s": steady.first_step_s,  # with compile=auto on a GPU: compiling included
                         "checkpoint_save_s": steady.saves,
@@ -199,9 +201,9 @@ def main() -> int:
               f"{steady_by_variant['on'] / steady_by_variant['off']:.2f}x")
         # On a fast host the recipe's figure rises while ours, bound by the GPU, does not: say what 8x would take here
         needed = 8 * steady_by_variant["off"]
-        needed_tflop_s = 4 * frozen_parameters * needed / 1e12
-        print(f"8x the recipe here would be {needed:,} real tok/s, {needed_tflop_s:.0f} TFLOP/s by the 4N count "
-              f"(compare the card's bf16 matmul rate)")
+        needed_tflop_s = 4 * frozen_parameters * needed / ranks / 1e12
+        print(f"8x the recipe here would be {needed:,} real tok/s, {needed_tflop_s:.0f} TFLOP/s per GPU by the 4N "
+              f"count (compare the card's bf16 matmul rate)")
     return 0
 
 
