@@ -82,7 +82,8 @@ class CapturedMicroBatches:
     """Run micro-batches (a dict of tensors) through ``loss_fn`` and backward, each padded length as one graph.
 
     ``loss_fn(inputs)`` returns the micro-batch's loss, scaled as the Trainer would back-propagate it.
-    ``all_positions`` is the causal LM's loss setting that this turns on while it runs.
+    ``loss_settings`` is the causal LM's loss settings (``_prunetune_loss``), whose ``all_positions`` this turns
+    on while it runs.
     """
 
     def __init__(self, loss_fn: Callable[[dict[str, Any]], torch.Tensor], grads: FlatGradients,
